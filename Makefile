@@ -1,0 +1,42 @@
+# recbole_llmser set-up. Two commands on a fresh machine:
+#   make demo   install into .venv and run the main command on the bundled amazon-beauty (offline, no key)
+#   make test   install what the tests need and run them
+#
+# Install order matters: torch first and pinned (an unpinned torch pulls a multi-GB CUDA build on a CPU
+# machine), then RecBole's runtime dependencies (requirements.txt), then RecBole and this package with
+# --no-deps so RecBole's ray<=2.6.3 requirement is never installed.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# Short settings for the demo, passed openly on the command line; the property defaults stay the paper's.
+DEMO_ARGS ?= --epochs=1 --MAX_ITEM_LIST_LENGTH=20 --train_batch_size=512 --show_progress=False
+
+.PHONY: install install-dev demo test clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.py requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install "$(TORCH_SPEC)"
+	$(PIP) install -r requirements.txt
+	$(PIP) install --no-deps "recbole==1.2.1" -e .
+	$(PY) -c "import importlib.util as u, recbole_llmser; assert u.find_spec('ray') is None, 'ray was installed'"
+	touch $@
+
+install-dev: install $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: requirements-dev.txt
+	$(PIP) install -r requirements-dev.txt
+	touch $@
+
+demo: install
+	$(PY) run_recbole_llmser.py --model=SASRec --dataset=amazon-beauty $(DEMO_ARGS)
+
+test: install-dev
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) log log_tensorboard saved .pytest_cache

@@ -1,0 +1,49 @@
+"""Command line: ``run_recbole_llmser.py`` / ``recbole-llmser``.
+
+Takes RecBole's ``--model``, ``--dataset``, ``--config_files`` and any ``--key=value`` property override.
+Errors the user can fix print one line (``recbole_llmser: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from recbole_llmser.config import METHODS
+from recbole_llmser.errors import LLMSeRError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="run_recbole_llmser.py",
+        description="Train and evaluate a RecBole sequential model, optionally with LLM-based augmentation.",
+        epilog="Any other --key=value overrides a property, e.g. --epochs=5 --train_batch_size=512.",
+    )
+    parser.add_argument("--model", "-m", default="SASRec", help="RecBole sequential model (default SASRec)")
+    parser.add_argument("--dataset", "-d", default="amazon-beauty", help="dataset name (default amazon-beauty)")
+    parser.add_argument("--config_files", default=None, help="space-separated yaml files, applied in order")
+    parser.add_argument("--method", default=None, choices=METHODS, help="none = the plain backbone")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, rest = build_parser().parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    if bad:
+        print(f"recbole_llmser: error: unrecognized argument(s) {' '.join(bad)}; properties are --key=value",
+              file=sys.stderr)
+        return 2
+    overrides = [f"--method={args.method}"] if args.method else []
+    config_files = args.config_files.strip().split() if args.config_files else None
+    try:
+        from recbole_llmser.quick_start import run
+
+        run(args.model, args.dataset, config_file_list=config_files, cmd_args=rest + overrides)
+    except LLMSeRError as err:
+        print(f"recbole_llmser: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("recbole_llmser: interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,121 @@
+"""Every workaround that RecBole 1.2.1 needs on NumPy 2, torch >= 2.6 and pandas >= 2, in one place.
+
+Importing :mod:`recbole_llmser` calls :func:`apply` once. Each fix names the RecBole 1.2.1 line it is for.
+Nothing here copies RecBole code; the fixes either restore a removed name, or are small overrides that the
+package's own classes inherit (``ConfigCompatMixin``, ``load_checkpoint``).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+_APPLIED = False
+
+# NumPy 2 removed these aliases. RecBole 1.2.1 reads them:
+#   recbole/config/configurator.py:628-635 (Config.compatibility_settings: np.float_, np.complex_, np.unicode_),
+#   recbole/evaluator/metrics.py:90,128,131,190,196 (np.float), :287 (np.bool),
+#   recbole/data/interaction.py:31 (np.float), recbole/data/dataset/dataset.py:652 (np.float),
+#   recbole/model/abstract_recommender.py:309,316 and recbole/model/layers.py:932,941,1408,1415 (np.long),
+#   recbole/trainer/hyper_tuning.py:386 (np.str).
+_NUMPY_ALIASES = {
+    "float_": np.float64,
+    "complex_": np.complex128,
+    "unicode_": np.str_,
+    "float": np.float64,
+    "int": np.int_,
+    "bool": np.bool_,
+    "object": np.object_,
+    "str": np.str_,
+    "complex": np.complex128,
+    "unicode": np.str_,
+    "long": np.int_,
+}
+
+
+def _restore_numpy_aliases() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # NumPy 2 warns on *reading* np.object / np.str; we only set them
+        for name, value in _NUMPY_ALIASES.items():
+            try:
+                getattr(np, name)
+            except AttributeError:
+                setattr(np, name, value)
+
+
+def _check_pandas() -> None:
+    # pandas 3 (copy-on-write) turns RecBole's chained ``df[field].fillna(..., inplace=True)`` into a silent
+    # no-op: recbole/data/dataset/dataset.py:501 (token_seq NaN -> ""), :648 and :650 (NaN -> 0 / mean).
+    # Missing values would then reach the models as NaN. setup.py pins pandas<3; refuse to run otherwise.
+    import pandas as pd
+
+    major = int(pd.__version__.split(".")[0])
+    if major >= 3:
+        raise ImportError(
+            f"recbole_llmser: pandas {pd.__version__} is installed, but RecBole 1.2.1 silently skips NaN "
+            "filling under pandas 3 (recbole/data/dataset/dataset.py:501,648,650); install 'pandas<3'."
+        )
+
+
+def _silence_known_warnings() -> None:
+    # pandas 2.x warns on the same chained fillna lines (dataset.py:501,648,650); the warning is about the
+    # pandas-3 behaviour handled above and would otherwise repeat for every feature field.
+    warnings.filterwarnings("ignore", message=".*chained assignment.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*ChainedAssignment.*")
+    # recbole/data/dataset/dataset.py:1217 (token_seq splitting) uses Series.agg(len), deprecated in pandas 2.
+    warnings.filterwarnings("ignore", message=".*Series.agg cannot aggregate.*", category=FutureWarning)
+    # recbole/trainer/trainer.py:235 builds torch.cuda.amp.GradScaler, deprecated in torch >= 2.4.
+    warnings.filterwarnings("ignore", message=".*torch.cuda.amp.GradScaler.*", category=FutureWarning)
+    # torch.utils.tensorboard (imported by recbole/utils/utils.py:25) warns about pkg_resources on import.
+    warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
+
+
+def apply() -> None:
+    """Apply every fix once (idempotent)."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    _restore_numpy_aliases()
+    _check_pandas()
+    _silence_known_warnings()
+    _APPLIED = True
+
+
+class ConfigCompatMixin:
+    """Overrides of ``recbole.config.Config`` methods that are broken on current NumPy or leak state."""
+
+    def compatibility_settings(self):
+        # recbole/config/configurator.py:625-635 assigns np.float = np.float_ etc., which raises on NumPy 2
+        # (np.float_ is gone). apply() has restored every alias already.
+        apply()
+
+    def _init_parameters_category(self):
+        # recbole/config/configurator.py:95-99 stores RecBole's module-level lists (general_arguments, ...)
+        # by reference and configurator.py:269 appends the dataset yaml's keys to dataset_arguments with
+        # "+=", so every Config built in one process grows RecBole's global list. Copy them instead.
+        from recbole.utils import (
+            dataset_arguments,
+            evaluation_arguments,
+            general_arguments,
+            training_arguments,
+        )
+
+        self.parameters = {
+            "General": list(general_arguments),
+            "Training": list(training_arguments),
+            "Evaluation": list(evaluation_arguments),
+            "Dataset": list(dataset_arguments),
+        }
+
+
+def load_checkpoint(path, map_location):
+    """torch.load for checkpoints this package wrote.
+
+    torch >= 2.6 defaults to ``weights_only=True``; RecBole's checkpoints pickle the Config
+    (recbole/trainer/trainer.py:296-304), so recbole/trainer/trainer.py:323 (resume_checkpoint) and :583
+    (evaluate with load_best_model=True) fail. Only ever called on files written by our own trainer.
+    """
+    import torch
+
+    return torch.load(path, map_location=map_location, weights_only=False)

@@ -1,0 +1,269 @@
+"""Config: RecBole's defaults, then our property files, then the user's files and command line.
+
+Precedence, later wins::
+
+    RecBole defaults (recbole/properties/...)
+      -> properties/overall.yaml
+      -> properties/model/<Model>.yaml
+      -> properties/dataset/<dataset>.yaml
+      -> --config_files (in the order given)
+      -> config_dict (Python callers)
+      -> --key=value on the command line
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import yaml
+from recbole.config import Config as RecBoleConfig
+from recbole.utils import ModelType
+
+from recbole_llmser.compat import ConfigCompatMixin
+from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.utils import PACKAGE_DIR, REPO_DIR, get_model
+
+#: Command-line flags that belong to run_recbole_llmser.py itself, not to the config.
+CLI_ONLY_KEYS = {"config_files", "dry_run"}
+
+#: Keys whose values are secrets: kept out of ``final_config_dict`` (so out of logs, checkpoints and dumps).
+SECRET_KEYS = {"llm_api_key", "embedding_api_key"}
+
+METHODS = ("none",)
+
+
+def properties_dir() -> Path:
+    """The property folder: inside the installed package, or the source tree's top-level ``properties/``."""
+    for candidate in (PACKAGE_DIR / "properties", REPO_DIR / "properties"):
+        if (candidate / "overall.yaml").is_file():
+            return candidate
+    raise LLMSeRError(
+        f"recbole_llmser's properties/overall.yaml is missing (looked in {PACKAGE_DIR} and {REPO_DIR}); "
+        "reinstall the package"
+    )
+
+
+def bundled_dataset_dir() -> Path:
+    """Folder of the datasets shipped with the source tree (``dataset/``)."""
+    return REPO_DIR / "dataset"
+
+
+def read_yaml(path, loader=yaml.FullLoader) -> dict:
+    """Read one yaml mapping, or raise a one-line error naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise LLMSeRError(f"{path}: config file not found")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f.read(), Loader=loader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise LLMSeRError(f"{path}: malformed YAML{where}: {problem}; fix the file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise LLMSeRError(f"{path}: expected a mapping of 'key: value' lines, got {type(data).__name__}")
+    return data
+
+
+class Config(ConfigCompatMixin, RecBoleConfig):
+    """RecBole ``Config`` with recbole_llmser's property files layered on top.
+
+    Args:
+        model, dataset, config_file_list, config_dict: as in RecBole.
+        cmd_args: the ``--key=value`` strings to apply last. ``None`` reads ``sys.argv[1:]`` as RecBole does.
+    """
+
+    def __init__(self, model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None):
+        self._cmd_args = list(sys.argv[1:] if cmd_args is None else cmd_args)
+        self._secrets = {}
+        super().__init__(model, dataset, config_file_list, config_dict)
+        validate(self.final_config_dict)
+
+    # ----- sources ---------------------------------------------------------------------------------------
+    def _load_config_files(self, file_list):
+        merged = {}
+        for file in file_list or []:
+            merged.update(read_yaml(file, self.yaml_loader))
+        return merged
+
+    def _load_cmd_line(self):
+        cmd = {}
+        for arg in self._cmd_args:
+            if not arg.startswith("--") or "=" not in arg:
+                continue  # positional words and bare flags belong to the CLI's own parser
+            name, value = arg[2:].split("=", 1)
+            if name in CLI_ONLY_KEYS:
+                continue
+            if name in cmd and cmd[name] != value:
+                raise LLMSeRError(f"--{name} is given twice with different values ({cmd[name]!r}, {value!r})")
+            cmd[name] = value
+        return self._convert_config_dict(cmd)
+
+    def _get_model_and_dataset(self, model, dataset):
+        if model is None:
+            model = self.external_config_dict.get("model")
+            if model is None:
+                raise LLMSeRError("no model given: pass --model=<name>, e.g. --model=SASRec")
+        if dataset is None:
+            dataset = self.external_config_dict.get("dataset")
+            if dataset is None:
+                raise LLMSeRError("no dataset given: pass --dataset=<name>, e.g. --dataset=amazon-beauty")
+        if isinstance(model, str):
+            model_class = get_model(model)
+        else:
+            model_class, model = model, model.__name__
+        if getattr(model_class, "type", None) != ModelType.SEQUENTIAL:
+            raise LLMSeRError(
+                f"--model={model}: recbole_llmser trains sequential models; {model} is a "
+                f"{getattr(model_class, 'type', 'non-sequential')} model (try SASRec, GRU4Rec or BERT4Rec)"
+            )
+        from recbole.model.abstract_recommender import AbstractRecommender
+
+        if model_class.full_sort_predict is AbstractRecommender.full_sort_predict:
+            raise LLMSeRError(
+                f"--model={model}: {model} only scores given candidates with item features (no full_sort_predict); "
+                "recbole_llmser needs a model that ranks all items (e.g. SASRec, GRU4Rec, BERT4Rec)"
+            )
+        return model, model_class, str(dataset)
+
+    def _load_internal_config_dict(self, model, model_class, dataset):
+        super()._load_internal_config_dict(model, model_class, dataset)
+        props = properties_dir()
+        for path in (props / "overall.yaml", props / "model" / f"{model}.yaml"):
+            if path.is_file():
+                self.internal_config_dict.update(read_yaml(path, self.yaml_loader))
+        dataset_file = props / "dataset" / f"{dataset}.yaml"
+        if dataset_file.is_file():
+            dataset_dict = read_yaml(dataset_file, self.yaml_loader)
+            self.internal_config_dict.update(dataset_dict)
+            self.parameters["Dataset"] += [k for k in dataset_dict if k not in self.parameters["Dataset"]]
+        self.internal_config_dict["dataset_properties"] = str(dataset_file) if dataset_file.is_file() else None
+
+    def _get_final_config_dict(self):
+        final = super()._get_final_config_dict()
+        for key in SECRET_KEYS & final.keys():
+            value = final.pop(key)
+            if value:
+                self._secrets[key] = str(value)
+            for source in (self.file_config_dict, self.variable_config_dict, self.cmd_config_dict,
+                           self.external_config_dict, self.internal_config_dict):
+                source.pop(key, None)
+        # RecBole 1.2.1 rejects CE with negative sampling and BPR without it; pick the matching default
+        # unless the user set train_neg_sample_args themselves.
+        if "train_neg_sample_args" not in self.external_config_dict:
+            loss = str(final.get("loss_type", "")).upper()
+            if loss == "CE":
+                final["train_neg_sample_args"] = None
+            elif loss == "BPR" and not final.get("train_neg_sample_args"):
+                final["train_neg_sample_args"] = {"distribution": "uniform", "sample_num": 1}
+        return final
+
+    def _set_default_parameters(self):
+        user_set_path = "data_path" in self.external_config_dict
+        super()._set_default_parameters()
+        path = self.final_config_dict["data_path"]
+        if not user_set_path and not os.path.isdir(path):
+            bundled = bundled_dataset_dir() / self.dataset
+            if bundled.is_dir():
+                self.final_config_dict["data_path"] = str(bundled)
+        self.final_config_dict["data_path"] = os.path.abspath(self.final_config_dict["data_path"])
+
+    # ----- secrets ---------------------------------------------------------------------------------------
+    def secret(self, key: str, env: str | None = None):
+        """A secret from the config, else from the environment variable ``env``; never logged."""
+        return self._secrets.get(key) or (os.environ.get(env) if env else None) or None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_secrets"] = {}  # checkpoints pickle the config: never the keys
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def to_dict(self) -> dict:
+        """Plain, yaml-safe copy of the final config (secrets are never in it)."""
+        return {k: _plain(v) for k, v in self.final_config_dict.items()}
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+# ----- validation ------------------------------------------------------------------------------------------
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check(cond, key, value, expect):
+    if not cond:
+        raise LLMSeRError(f"property '{key}' = {value!r}: expected {expect}")
+
+
+def _positive_int(key, v):
+    _check(_is_int(v) and v >= 1, key, v, "an integer >= 1")
+
+
+def _positive_number(key, v):
+    _check(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0, key, v, "a number > 0")
+
+
+def _protocols(key, v):
+    ok = isinstance(v, list) and v and all(isinstance(p, str) and _protocol_ok(p) for p in v)
+    _check(ok, key, v, "a non-empty list of 'full' and/or 'uni<N>' (e.g. [uni100, full])")
+
+
+def _protocol_ok(p):
+    return p == "full" or (p.startswith("uni") and p[3:].isdigit() and int(p[3:]) > 0)
+
+
+def _group_bounds(key, v):
+    ok = isinstance(v, list) and all(_is_int(b) and b >= 0 for b in v) and v == sorted(set(v))
+    _check(ok, key, v, "a strictly increasing list of integers >= 0 (e.g. [2, 3])")
+
+
+def _optional_str(key, v):
+    _check(v is None or (isinstance(v, str) and v), key, v, "a field name or ~ (none)")
+
+
+def _method(key, v):
+    _check(v in METHODS, key, v, "one of " + ", ".join(METHODS))
+
+
+VALIDATORS = {
+    "epochs": _positive_int,
+    "train_batch_size": _positive_int,
+    "eval_batch_size": _positive_int,
+    "stopping_step": _positive_int,
+    "eval_step": _positive_int,
+    "MAX_ITEM_LIST_LENGTH": _positive_int,
+    "learning_rate": _positive_number,
+    "eval_protocols": _protocols,
+    "group_bounds": _group_bounds,
+    "item_text_field": _optional_str,
+    "method": _method,
+    "seed": lambda k, v: _check(_is_int(v), k, v, "an integer"),
+    "download_timeout": _positive_number,
+}
+
+
+def validate(cfg: dict) -> None:
+    """Raise a one-line LLMSeRError for the first property with an invalid value."""
+    for key, check in VALIDATORS.items():
+        if key in cfg:
+            check(key, cfg[key])
+    names = cfg.get("group_names")
+    if names is not None:
+        n = len(cfg.get("group_bounds") or []) + 1
+        _check(isinstance(names, list) and len(names) == n, "group_names", names, f"a list of {n} names")

@@ -1,0 +1,28 @@
+"""Dataset creation: make sure the atomic files exist (prepare.py), then let RecBole load them."""
+
+from __future__ import annotations
+
+from logging import getLogger
+
+from recbole.data import data_preparation  # noqa: F401  (re-exported for quick_start)
+
+from recbole_llmser.data.dataset import SequentialDataset
+from recbole_llmser.data.prepare import prepare_dataset
+from recbole_llmser.errors import LLMSeRError
+
+
+def create_dataset(config):
+    """Prepare the dataset's atomic files if needed, then load them into our ``SequentialDataset``.
+
+    Unlike RecBole's ``create_dataset`` this never loads a pickled dataset from ``checkpoint_dir``."""
+    prepare_dataset(config)
+    dataset = SequentialDataset(config)
+    text_field = config["item_text_field"]
+    if text_field and (dataset.item_feat is None or text_field not in dataset.item_feat):
+        raise LLMSeRError(
+            f"dataset '{config['dataset']}': item text field '{text_field}' was not loaded; "
+            f"add it to load_col.item or set --item_text_field=~"
+        )
+    getLogger().info(str(dataset))
+    return dataset
+

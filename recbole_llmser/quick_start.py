@@ -1,0 +1,94 @@
+"""run() and objective_function(), as in RecBole's quick_start but without ray and FLOPs counting."""
+
+from __future__ import annotations
+
+from logging import getLogger
+from pathlib import Path
+
+import yaml
+from recbole.utils import init_logger, init_seed, set_color
+
+from recbole_llmser.config import Config
+from recbole_llmser.data import create_dataset, data_preparation
+from recbole_llmser.evaluation import evaluate_split, format_results
+from recbole_llmser.utils import atomic_write_json, atomic_write_text, get_model, get_trainer, unique_stem
+
+
+def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None, saved=True):
+    """Build the config, train ``model`` on ``dataset`` and evaluate it; returns the result dict.
+
+    ``cmd_args`` are ``--key=value`` strings applied last (``None`` reads ``sys.argv`` as RecBole does).
+    """
+    config = Config(model, dataset, config_file_list, config_dict, cmd_args)
+    return run_with_config(config, saved=saved)
+
+
+def _make_run_dir(config) -> Path:
+    base = Path(config["checkpoint_dir"]).resolve() / config["dataset"]
+    run_dir = base / unique_stem(config["model"], config["method"])
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def run_with_config(config, saved=True):
+    """Train and evaluate with an existing Config. Writes ``<run dir>/{config.yaml, results.json, *.pth}``."""
+    init_seed(config["seed"], config["reproducibility"])
+    init_logger(config)
+    logger = getLogger()
+    logger.info(config)
+
+    dataset = create_dataset(config)
+    train_data, valid_data, test_data = data_preparation(config, dataset)
+
+    run_dir = _make_run_dir(config)  # only once the data loaded: a bad dataset leaves no empty run folder
+    config["checkpoint_dir"] = str(run_dir)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    logger.info(model)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+
+    best_valid_score, best_valid_result = trainer.fit(
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+    )
+    if saved:
+        trainer.load_model_file()
+
+    valid_result = evaluate_split(model, valid_data, dataset, config)
+    test_result = evaluate_split(model, test_data, dataset, config)
+    logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid_result or {})}")
+    logger.info("\n" + format_results(valid_result, "valid"))
+    logger.info("\n" + format_results(test_result, "test"))
+
+    result = {
+        "model": config["model"],
+        "dataset": config["dataset"],
+        "method": config["method"],
+        "seed": config["seed"],
+        "best_valid_score": best_valid_score,
+        "valid_score_bigger": config["valid_metric_bigger"],
+        "best_valid_result": dict(best_valid_result or {}),
+        "valid": valid_result,
+        "test": test_result,
+        "run_dir": str(run_dir),
+        "checkpoint": trainer.saved_model_file if saved else None,
+    }
+    atomic_write_json(run_dir / "results.json", result)
+    logger.info(set_color("outputs", "blue") + f": {run_dir} (results.json, config.yaml"
+                + (f", {Path(trainer.saved_model_file).name})" if saved else ")"))
+    return result
+
+
+def objective_function(config_dict=None, config_file_list=None, saved=True):
+    """The hyper-parameter search entry point RecBole's HyperTuning expects (without ray)."""
+    config = Config(config_dict=config_dict, config_file_list=config_file_list, cmd_args=[])
+    result = run_with_config(config, saved=saved)
+    overall = {p: r["overall"] for p, r in result["test"].items()}
+    return {
+        "model": config["model"],
+        "best_valid_score": result["best_valid_score"],
+        "valid_score_bigger": result["valid_score_bigger"],
+        "best_valid_result": result["best_valid_result"],
+        "test_result": overall,
+    }

@@ -1,0 +1,70 @@
+"""Model/trainer lookup (extension first, then RecBole) and small file helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+from recbole.utils import ModelType
+from recbole.utils import get_model as _recbole_get_model
+
+from recbole_llmser.errors import LLMSeRError
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_DIR = PACKAGE_DIR.parent
+
+
+def get_model(model_name: str):
+    """Return RecBole's model class for ``model_name``, or raise a one-line error."""
+    if not isinstance(model_name, str) or not model_name:
+        raise LLMSeRError(f"--model: expected a model name, got {model_name!r}")
+    try:
+        return _recbole_get_model(model_name)
+    except (ValueError, ImportError):  # ImportError: the search reaches recbole.model.exlib_recommender,
+        # whose __init__ imports lightgbm/xgboost (not installed)
+        raise LLMSeRError(
+            f"--model={model_name}: no such model in recbole_llmser or RecBole 1.2.1 "
+            "(names are case-sensitive, e.g. SASRec, GRU4Rec, BERT4Rec)"
+        ) from None
+
+
+def get_trainer(model_type, model_name: str):
+    """Trainer class: our sequential trainer for sequential models, RecBole's otherwise."""
+    from recbole_llmser.trainer import SequentialTrainer
+
+    if model_type == ModelType.SEQUENTIAL:
+        return SequentialTrainer
+    from recbole.utils import get_trainer as _recbole_get_trainer
+
+    return _recbole_get_trainer(model_type, model_name)
+
+
+def unique_stem(*parts: str) -> str:
+    """A file stem that two processes (or two models in one second) never share."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return "-".join([*(str(p) for p in parts if p), stamp, uuid.uuid4().hex[:8]])
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

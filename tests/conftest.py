@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny synthetic sequential dataset with titles, written to a temp dir, and a temp cwd
+(RecBole writes log/, log_tensorboard/ and saved/ into the working directory)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+#: Small model and run settings that every training test uses (1 epoch, seconds on a CPU).
+TINY = {
+    "epochs": 1,
+    "train_batch_size": 64,
+    "eval_batch_size": 64,
+    "MAX_ITEM_LIST_LENGTH": 10,
+    "hidden_size": 16,
+    "inner_size": 32,
+    "embedding_size": 16,
+    "n_layers": 1,
+    "n_heads": 1,
+    "eval_protocols": ["uni20", "full"],
+    "show_progress": False,
+    "state": "WARNING",
+    "use_gpu": False,
+}
+
+
+def write_tiny_dataset(root, name="tiny", n_users=40, n_items=50, seed=0, with_item=True):
+    """RecBole atomic files under root/name: users with 5..12 interactions, distinct items per user."""
+    rng = random.Random(seed)
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["user_id:token\titem_id:token\ttimestamp:float"]
+    sequences = {}
+    for u in range(1, n_users + 1):
+        length = rng.randint(5, 12)
+        items = rng.sample(range(1, n_items + 1), length)
+        sequences[f"u{u}"] = [f"i{i}" for i in items]
+        for t, i in enumerate(items):
+            lines.append(f"u{u}\ti{i}\t{1000 * u + t}")
+    (folder / f"{name}.inter").write_text("\n".join(lines) + "\n")
+    if with_item:
+        rows = ["item_id:token\ttitle:token_seq"]
+        rows += [f"i{i}\tproduct number {i} in colour {['red', 'blue', 'green'][i % 3]}" for i in range(1, n_items + 1)]
+        (folder / f"{name}.item").write_text("\n".join(rows) + "\n")
+    return sequences
+
+
+@pytest.fixture
+def tmp_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    """(data_path, sequences) for a dataset called 'tiny' with titles."""
+    data = tmp_path / "data"
+    sequences = write_tiny_dataset(data)
+    return data, sequences
+
+
+def tiny_config_dict(data_path, **extra):
+    cfg = dict(TINY)
+    cfg.update(
+        data_path=str(data_path),
+        load_col={"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
+        item_text_field="title",
+        group_bounds=[4, 7],
+    )
+    cfg.update(extra)
+    return cfg

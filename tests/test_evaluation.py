@@ -1,0 +1,75 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from recbole_llmser.evaluation import (
+    assign_groups,
+    group_ranges,
+    grouped_metrics,
+    metrics_from_ranks,
+    parse_protocol,
+    ranks_from_scores,
+    sample_negatives,
+)
+
+
+def test_metrics_from_ranks_by_hand():
+    m = metrics_from_ranks(np.array([0, 1, 5, 12]), [1, 5, 10])
+    assert m["hit@1"] == pytest.approx(1 / 4)
+    assert m["hit@5"] == pytest.approx(2 / 4)
+    assert m["hit@10"] == pytest.approx(3 / 4)
+    assert m["ndcg@1"] == pytest.approx(1 / 4)
+    assert m["ndcg@5"] == pytest.approx((1 + 1 / math.log2(3)) / 4)
+    assert m["ndcg@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(7)) / 4)
+
+
+def test_ranks_count_ties_against_the_target():
+    scores = torch.tensor([[0.1, 0.5, 0.5, 0.9], [1.0, 1.0, 1.0, 1.0]])
+    # target is column 1 in both rows (it ties with itself: n_equal_self=1)
+    r = ranks_from_scores(scores, scores[:, 1], n_equal_self=1)
+    assert r.tolist() == [2, 3]  # one higher + one equal; three equal others
+    negs = torch.tensor([[0.2, 0.3], [0.9, 0.95]])
+    assert ranks_from_scores(negs, torch.tensor([0.25, 0.95]), n_equal_self=0).tolist() == [1, 1]
+
+
+def test_groups_and_ranges():
+    assert assign_groups(np.array([0, 1, 2, 3, 4, 9]), [2, 3]).tolist() == [0, 0, 0, 1, 2, 2]
+    assert group_ranges([2, 3]) == ["<=2", "3", ">=4"]
+    assert group_ranges([3, 6]) == ["<=3", "4-6", ">=7"]
+
+
+def test_grouped_metrics_hand_computed():
+    ranks = np.array([0, 3, 20, 1, 0])
+    lengths = np.array([1, 2, 3, 4, 7])  # groups: <=2 -> rows 0,1; 3 -> row 2; >=4 -> rows 3,4
+    res = grouped_metrics(ranks, lengths, [2, 3], ["tail", "medium", "head"], [1, 5])
+    assert res["overall"]["n"] == 5
+    assert res["overall"]["hit@5"] == pytest.approx(4 / 5)
+    tail, medium, head = res["groups"]
+    assert (tail["n"], medium["n"], head["n"]) == (2, 1, 2)
+    assert tail["range"] == "<=2" and head["range"] == ">=4"
+    assert tail["hit@1"] == pytest.approx(0.5)
+    assert tail["ndcg@5"] == pytest.approx((1 + 1 / math.log2(5)) / 2)
+    assert medium["hit@5"] == 0.0 and medium["ndcg@5"] == 0.0
+    assert head["ndcg@5"] == pytest.approx((1 / math.log2(3) + 1) / 2)
+
+
+def test_sample_negatives_excludes_seen_and_is_seeded():
+    seen = [np.array([1, 2, 3]), np.array([4, 5])]
+    a = sample_negatives([0, 1, 0], seen, n_items=12, n_neg=6, rng=np.random.default_rng(7))
+    b = sample_negatives([0, 1, 0], seen, n_items=12, n_neg=6, rng=np.random.default_rng(7))
+    assert (a == b).all()
+    for row, u in zip(a, [0, 1, 0]):
+        assert len(set(row.tolist())) == 6
+        assert not set(row.tolist()) & set(seen[u].tolist())
+        assert row.min() >= 1 and row.max() <= 11
+    with pytest.raises(ValueError):
+        sample_negatives([0], seen, n_items=8, n_neg=6, rng=np.random.default_rng(0))
+
+
+def test_parse_protocol():
+    assert parse_protocol("full") is None
+    assert parse_protocol("uni100") == 100
+    with pytest.raises(ValueError):
+        parse_protocol("pop100")

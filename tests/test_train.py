@@ -1,0 +1,89 @@
+"""Each backbone trains one epoch on tiny data through our run(), evaluates, and writes its outputs."""
+
+import json
+import time
+
+import pytest
+import torch
+import yaml
+
+from recbole_llmser.config import Config
+from recbole_llmser.data import create_dataset, data_preparation
+from recbole_llmser.evaluation import evaluate_split
+from recbole_llmser.quick_start import objective_function, run
+from recbole_llmser.trainer import SequentialTrainer
+from recbole_llmser.utils import get_model
+from tests.conftest import tiny_config_dict
+
+
+@pytest.mark.parametrize("model", ["SASRec", "GRU4Rec", "BERT4Rec"])
+def test_backbone_trains_and_evaluates(model, tiny_data, tmp_cwd):
+    data, sequences = tiny_data
+    cfg = tiny_config_dict(data, llm_api_key="sk-NEVER-WRITTEN")
+    result = run(model, "tiny", config_dict=cfg, cmd_args=[])
+
+    assert set(result["test"]) == {"uni20", "full"}
+    for protocol, res in result["test"].items():
+        assert res["overall"]["n"] == len(sequences)
+        assert sum(g["n"] for g in res["groups"]) == len(sequences)
+        assert [g["name"] for g in res["groups"]] == ["tail", "medium", "head"]
+        for key in ("hit@5", "hit@10", "hit@20", "ndcg@5", "ndcg@10", "ndcg@20"):
+            assert 0.0 <= res["overall"][key] <= 1.0
+    # group sizes follow the number of training items (sequence length - 2) and bounds [4, 7]
+    lengths = [len(s) - 2 for s in sequences.values()]
+    sizes = [g["n"] for g in result["test"]["full"]["groups"]]
+    assert sizes == [sum(x <= 4 for x in lengths), sum(4 < x <= 7 for x in lengths), sum(x > 7 for x in lengths)]
+
+    run_dir = tmp_cwd / "saved" / "tiny"
+    (out,) = list(run_dir.iterdir())
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["test"] == json.loads(json.dumps(result["test"]))
+    dumped = (out / "config.yaml").read_text()
+    assert yaml.safe_load(dumped)["model"] == model
+    for path in tmp_cwd.rglob("*"):
+        if path.is_file():
+            assert b"sk-NEVER-WRITTEN" not in path.read_bytes(), path
+    assert result["checkpoint"] and result["checkpoint"].startswith(str(out))
+
+
+def _tiny_setup(data, model="SASRec", **extra):
+    config = Config(model, "tiny", config_dict=tiny_config_dict(data, **extra), cmd_args=[])
+    dataset = create_dataset(config)
+    train, valid, test = data_preparation(config, dataset)
+    net = get_model(model)(config, train._dataset)
+    return config, dataset, (train, valid, test), net
+
+
+def test_full_ranking_matches_recbole_evaluator(tiny_data, tmp_cwd):
+    config, dataset, (train, valid, test), net = _tiny_setup(tiny_data[0], eval_protocols=["full"])
+    trainer = SequentialTrainer(config, net)
+    trainer.fit(train, valid, saved=False, show_progress=False)
+    ours = evaluate_split(net, test, dataset, config)["full"]["overall"]
+    recbole = trainer.evaluate(test, load_best_model=False)
+    for k in (5, 10, 20):
+        assert ours[f"hit@{k}"] == pytest.approx(float(recbole[f"hit@{k}"]), abs=1e-4)
+        assert ours[f"ndcg@{k}"] == pytest.approx(float(recbole[f"ndcg@{k}"]), abs=1e-4)
+
+
+def test_checkpoints_never_collide_and_load_on_recent_torch(tiny_data, tmp_cwd):
+    config, dataset, (train, valid, test), net = _tiny_setup(tiny_data[0])
+    a, b = SequentialTrainer(config, net), SequentialTrainer(config, net)
+    assert a.saved_model_file != b.saved_model_file  # built within the same second
+    a.fit(train, valid, saved=True, show_progress=False)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    a.evaluate(valid, load_best_model=True)  # torch>=2.6 weights_only default would fail here
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    c = SequentialTrainer(config, net)
+    c.resume_checkpoint(a.saved_model_file)
+    assert c.start_epoch == 1
+
+
+def test_objective_function_like_recbole(tiny_data, tmp_cwd):
+    cfg = tiny_config_dict(tiny_data[0], model="GRU4Rec", dataset="tiny")
+    out = objective_function(config_dict=cfg)
+    assert out["model"] == "GRU4Rec"
+    assert set(out["test_result"]) == {"uni20", "full"}
+    assert out["valid_score_bigger"] is True
