@@ -1,0 +1,173 @@
+"""CCG — candidate generation with helper sequential models trained on TRAINING PREFIXES only.
+
+* Training prefix of a user = the chronological sequence minus its last two items (validation and test), so
+  nothing here ever sees a validation or test item.
+* The *reverse* model is any RecBole sequential model (``ccg_model``, default SASRec) trained on the reversed
+  training prefixes; given a user's reversed prefix it scores every item as "the item before the first one":
+  the top ``ccg_num_candidates`` (K) items, minus the prefix's own items and padding, are the pseudo-prior
+  candidates.
+* The *forward* model (same class and settings) is trained on the forward training prefixes; ARV asks it for the
+  item after ``P_u ⊕ history-before-m_u``.
+
+Helper models are trained with our ``SequentialTrainer`` on RecBole's own dataloader over every prefix row of
+the helper sequences (no hold-out: the rows predicting the earliest items are exactly what CCG needs), for a
+fixed ``ccg_epochs``. Each is saved under an explicit name that encodes a hash of everything it depends on, and
+reused when that hash is unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from logging import getLogger
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from recbole.data.interaction import Interaction
+from tqdm import tqdm
+
+from recbole_llmser.compat import load_checkpoint
+from recbole_llmser.utils import get_model
+
+#: Keys of the main config that a helper model copies (data fields and run settings).
+_COPIED_KEYS = (
+    "data_path", "USER_ID_FIELD", "ITEM_ID_FIELD", "TIME_FIELD", "load_col", "item_text_field", "seed",
+    "reproducibility", "use_gpu", "gpu_id", "state", "show_progress", "field_separator", "seq_separator",
+    "checkpoint_dir", "worker", "learner", "learning_rate",
+)
+
+
+# ----- sequences (pure) -------------------------------------------------------------------------------------
+def user_sequences(inter_df: pd.DataFrame, uid_field: str, iid_field: str, time_field: str):
+    """(user ids, list of item-id arrays) in chronological order; stable for equal timestamps."""
+    df = inter_df[[uid_field, iid_field, time_field]]
+    order = np.lexsort((np.arange(len(df)), df[time_field].to_numpy(), df[uid_field].to_numpy()))
+    uid = df[uid_field].to_numpy()[order]
+    iid = df[iid_field].to_numpy()[order]
+    users, starts = np.unique(uid, return_index=True)
+    return users, np.split(iid, starts[1:])
+
+
+def training_prefix(seq: np.ndarray) -> np.ndarray:
+    """The sequence minus its validation and test items."""
+    return seq[:-2] if len(seq) > 2 else seq[:0]
+
+
+def to_interaction(histories, max_len: int, item_seq_field: str, item_len_field: str) -> Interaction:
+    """Right-padded, left-truncated item sequences as a RecBole ``Interaction`` (what ``full_sort_predict`` reads)."""
+    seq = np.zeros((len(histories), max_len), dtype=np.int64)
+    lengths = np.zeros(len(histories), dtype=np.int64)
+    for row, h in enumerate(histories):
+        h = np.asarray(h[-max_len:], dtype=np.int64)
+        seq[row, : len(h)] = h
+        lengths[row] = len(h)
+    return Interaction({item_seq_field: torch.from_numpy(seq), item_len_field: torch.from_numpy(lengths)})
+
+
+def top_k_excluding(scores: torch.Tensor, exclude, k: int) -> np.ndarray:
+    """Top-``k`` item ids per row of ``scores`` (B x n_items), never padding (0) nor an item of ``exclude[row]``."""
+    scores = scores.clone()
+    scores[:, 0] = -torch.inf
+    for row, items in enumerate(exclude):
+        if len(items):
+            scores[row, torch.as_tensor(np.asarray(items, dtype=np.int64), device=scores.device)] = -torch.inf
+    return torch.topk(scores, k, dim=1).indices.cpu().numpy()
+
+
+# ----- helper models ----------------------------------------------------------------------------------------
+def helper_config(config, direction: str):
+    """Config of the ``reverse`` or ``forward`` helper model: ``ccg_*`` settings over the main data settings."""
+    from recbole_llmser.config import Config
+
+    settings = {k: config[k] for k in _COPIED_KEYS if config[k] is not None}
+    settings.update(
+        epochs=int(config["ccg_epochs"]),
+        train_batch_size=int(config["ccg_batch_size"] or config["train_batch_size"]),
+        MAX_ITEM_LIST_LENGTH=int(config["ccg_max_len"] or config["MAX_ITEM_LIST_LENGTH"]),
+        method="none",
+        eval_step=int(config["ccg_epochs"]) + 1,  # no validation: fixed epochs
+    )
+    settings.update(config["ccg_model_args"] or {})
+    helper = Config(config["ccg_model"], config["dataset"], config_dict=settings, cmd_args=[])
+    helper["ccg_direction"] = direction
+    return helper
+
+
+def helper_fingerprint(helper, sequences) -> str:
+    """Hash of the helper's settings and its exact training sequences (so a change retrains)."""
+    h = hashlib.sha256()
+    keys = sorted(k for k in helper.final_config_dict if k not in {"checkpoint_dir", "show_progress", "state", "device"})
+    h.update(json.dumps({k: str(helper.final_config_dict[k]) for k in keys}, sort_keys=True).encode())
+    for seq in sequences:
+        h.update(np.asarray(seq, dtype=np.int64).tobytes())
+        h.update(b"|")
+    return h.hexdigest()[:16]
+
+
+def _helper_dataset(dataset, helper, sequences, users):
+    """A copy of the (unbuilt) main dataset whose interactions are ``sequences`` (same id remapping)."""
+    rows = [(u, i, t) for u, seq in zip(users, sequences) for t, i in enumerate(seq)]
+    df = pd.DataFrame(rows, columns=[dataset.uid_field, dataset.iid_field, dataset.time_field])
+    df = df.astype({dataset.uid_field: np.int64, dataset.iid_field: np.int64, dataset.time_field: np.float32})
+    ds = dataset.copy(df)
+    # RecBole's sequential presets write into these dicts; the copy must not change the main dataset's.
+    ds.field2type, ds.field2source, ds.field2seqlen = (
+        copy.copy(dataset.field2type), copy.copy(dataset.field2source), copy.copy(dataset.field2seqlen)
+    )
+    ds.config = helper
+    ds.max_item_list_len = helper["MAX_ITEM_LIST_LENGTH"]
+    ds._change_feat_format()  # -> Interaction + one row per prefix (RecBole's data_augmentation)
+    return ds
+
+
+def train_helper(config, dataset, users, sequences, direction: str, out_dir: Path):
+    """Train (or reuse) the ``direction`` helper model on ``sequences``; returns the model in eval mode."""
+    from recbole.data.utils import get_dataloader
+    from recbole.sampler import Sampler
+    from recbole.utils import init_seed
+
+    from recbole_llmser.trainer import SequentialTrainer
+
+    logger = getLogger()
+    helper = helper_config(config, direction)
+    keep = [i for i, s in enumerate(sequences) if len(s) >= 2]  # a 1-item sequence has no prefix row
+    users, sequences = [users[i] for i in keep], [sequences[i] for i in keep]
+    path = Path(out_dir) / f"ccg-{direction}-{helper['model']}-{helper_fingerprint(helper, sequences)}.pth"
+    helper["checkpoint_dir"] = str(out_dir)
+
+    init_seed(helper["seed"], helper["reproducibility"])
+    ds = _helper_dataset(dataset, helper, sequences, users)
+    model = get_model(helper["model"])(helper, ds).to(helper["device"])
+    if path.is_file():
+        model.load_state_dict(load_checkpoint(path, map_location=helper["device"])["state_dict"])
+        logger.info(f"CCG: reusing the {direction} helper model {path}")
+    else:
+        sampler = None
+        if helper["train_neg_sample_args"]["distribution"] != "none":
+            sampler = Sampler(["train"], [ds], helper["train_neg_sample_args"]["distribution"]).set_phase("train")
+        train_data = get_dataloader(helper, "train")(helper, ds, sampler, shuffle=True)
+        logger.info(f"CCG: training the {direction} helper {helper['model']} on {len(ds)} prefix rows "
+                    f"of {len(sequences)} training prefixes for {helper['epochs']} epochs")
+        trainer = SequentialTrainer(helper, model)
+        trainer.saved_model_file = str(path)
+        trainer.fit(train_data, None, saved=True, show_progress=helper["show_progress"])
+        logger.info(f"CCG: saved the {direction} helper model to {path}")
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def score_top_k(model, histories, exclude, k: int, batch_size: int, desc: str) -> np.ndarray:
+    """Top-``k`` items after each history (left-truncated to the model's max length), minus ``exclude``."""
+    out = np.zeros((len(histories), k), dtype=np.int64)
+    device = next(model.parameters()).device
+    starts = range(0, len(histories), batch_size)
+    for start in tqdm(starts, desc=desc, ncols=100, disable=len(starts) < 2):
+        batch = histories[start:start + batch_size]
+        inter = to_interaction(batch, model.max_seq_length, model.ITEM_SEQ, model.ITEM_SEQ_LEN).to(device)
+        scores = model.full_sort_predict(inter).view(len(batch), -1)
+        out[start:start + len(batch)] = top_k_excluding(scores, exclude[start:start + batch_size], k)
+    return out
