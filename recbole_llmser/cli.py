@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recbole_llmser.config import METHODS
+from recbole_llmser.config import METHODS, STAGES
 from recbole_llmser.errors import LLMSeRError
 
 
@@ -22,7 +22,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", "-m", default="SASRec", help="RecBole sequential model (default SASRec)")
     parser.add_argument("--dataset", "-d", default="amazon-beauty", help="dataset name (default amazon-beauty)")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files, applied in order")
-    parser.add_argument("--method", default=None, choices=METHODS, help="none = the plain backbone")
+    parser.add_argument("--method", default=None, choices=METHODS,
+                        help="llmser = LLM-based augmentation + dual-channel training; none = the plain backbone")
+    parser.add_argument("--stage", default=None, choices=STAGES,
+                        help="llmser: all (default), augment (artifact only) or train (needs --aug_file)")
+    parser.add_argument("--dry_run", action="store_true",
+                        help="llmser: print the LLM calls, tokens and cost the augmentation would need, then stop")
     return parser
 
 
@@ -34,12 +39,12 @@ def main(argv=None) -> int:
         print(f"recbole_llmser: error: unrecognized argument(s) {' '.join(bad)}; properties are --key=value",
               file=sys.stderr)
         return 2
-    overrides = [f"--method={args.method}"] if args.method else []
+    overrides = [f"--{k}={v}" for k, v in (("method", args.method), ("stage", args.stage)) if v]
     config_files = args.config_files.strip().split() if args.config_files else None
     try:
         from recbole_llmser.quick_start import run
 
-        run(args.model, args.dataset, config_file_list=config_files, cmd_args=rest + overrides)
+        run(args.model, args.dataset, config_file_list=config_files, cmd_args=rest + overrides, dry_run=args.dry_run)
     except LLMSeRError as err:
         print(f"recbole_llmser: error: {err}", file=sys.stderr)
         return 2

@@ -28,10 +28,12 @@ from recbole_llmser.utils import PACKAGE_DIR, REPO_DIR, get_model
 #: Command-line flags that belong to run_recbole_llmser.py itself, not to the config.
 CLI_ONLY_KEYS = {"config_files", "dry_run"}
 
+STAGES = ("all", "augment", "train")
+
 #: Keys whose values are secrets: kept out of ``final_config_dict`` (so out of logs, checkpoints and dumps).
 SECRET_KEYS = {"llm_api_key", "embedding_api_key"}
 
-METHODS = ("none",)
+METHODS = ("none", "llmser")
 
 
 def properties_dir() -> Path:
@@ -186,6 +188,15 @@ class Config(ConfigCompatMixin, RecBoleConfig):
     def __setstate__(self, state):
         self.__dict__.update(state)
 
+    def copy_with(self, **overrides) -> "Config":
+        """A copy of this config with some final values replaced (secrets are kept)."""
+        import copy as _copy
+
+        other = _copy.copy(self)
+        other.final_config_dict = {**self.final_config_dict, **overrides}
+        other._secrets = dict(self._secrets)
+        return other
+
     def to_dict(self) -> dict:
         """Plain, yaml-safe copy of the final config (secrets are never in it)."""
         return {k: _plain(v) for k, v in self.final_config_dict.items()}
@@ -241,7 +252,67 @@ def _method(key, v):
     _check(v in METHODS, key, v, "one of " + ", ".join(METHODS))
 
 
+# --- dual-channel training (DCT)
+def _choice(*allowed):
+    return lambda key, v: _check(v in allowed, key, v, "one of " + ", ".join(allowed))
+
+
+def _bool(key, v):
+    _check(isinstance(v, bool), key, v, "true or false")
+
+
+def _optional_path(key, v):
+    _check(v is None or (isinstance(v, str) and v), key, v, "a file path or ~ (none)")
+
+
+DCT_VALIDATORS = {
+    "aug_file": _optional_path,
+    "aug_targets": _choice("all", "real"),
+    "aug_at_eval": _bool,
+    "aug_bad_records": _choice("error", "skip"),
+    "dct_mode": _choice("exact", "sample"),
+    "dct_reduction": _choice("mean", "sum"),
+    "dct_all_positions": _choice("auto", "off"),
+    "train_all_positions": _bool,
+    "all_positions_batch": _choice("rows", "sequences"),
+}
+# --- end of dual-channel training (DCT)
+
+
+def _optional_positive_int(key, v):
+    _check(v is None or (_is_int(v) and v >= 1), key, v, "an integer >= 1 or ~")
+
+
+def _unit_interval(key, v):
+    _check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1, key, v, "a number in [0, 1]")
+
+
+AUG_VALIDATORS = {
+    "ccg_epochs": _positive_int,
+    "ccg_batch_size": _optional_positive_int,
+    "ccg_max_len": _optional_positive_int,
+    "ccg_num_candidates": _positive_int,
+    "snf_num_picks": _positive_int,
+    "aug_num_pseudo": _positive_int,
+    "snf_history_max": _positive_int,
+    "snf_fallback": _choice("ccg_order", "skip"),
+    "title_max_chars": _positive_int,
+    "arv_num_candidates": _positive_int,
+    "aug_decay_beta": _unit_interval,
+    "aug_decay_threshold": lambda k, v: _check(_is_int(v) and v >= 0, k, v, "an integer >= 0"),
+    "aug_max_len": _optional_positive_int,
+    "llm_backend": _choice("auto", "openai", "offline"),
+    "semantic_backend": _choice("auto", "minilm", "sentence-transformers", "openai", "tfidf"),
+    "semantic_match_threshold": _unit_interval,
+    "semantic_batch_size": _positive_int,
+    "semantic_max_chars": _positive_int,
+    "semantic_tfidf_dim": _positive_int,
+    "offline_ranker_decay": lambda k, v: _check(isinstance(v, (int, float)) and 0 < v <= 1, k, v, "a number in (0, 1]"),
+}
+
+
 VALIDATORS = {
+    **DCT_VALIDATORS,
     "epochs": _positive_int,
     "train_batch_size": _positive_int,
     "eval_batch_size": _positive_int,
@@ -253,6 +324,8 @@ VALIDATORS = {
     "group_bounds": _group_bounds,
     "item_text_field": _optional_str,
     "method": _method,
+    "stage": lambda k, v: _check(v in STAGES, k, v, "one of " + ", ".join(STAGES)),
+    **AUG_VALIDATORS,
     "seed": lambda k, v: _check(_is_int(v), k, v, "an integer"),
     "download_timeout": _positive_number,
 }
@@ -263,6 +336,11 @@ def validate(cfg: dict) -> None:
     for key, check in VALIDATORS.items():
         if key in cfg:
             check(key, cfg[key])
+    k, K, M = cfg.get("snf_num_picks"), cfg.get("ccg_num_candidates"), cfg.get("aug_num_pseudo")
+    if None not in (k, K, M) and not M <= k <= K:
+        raise LLMSeRError(
+            f"properties aug_num_pseudo (M={M}) <= snf_num_picks (k={k}) <= ccg_num_candidates (K={K}) must hold"
+        )
     names = cfg.get("group_names")
     if names is not None:
         n = len(cfg.get("group_bounds") or []) + 1

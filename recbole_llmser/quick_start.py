@@ -10,17 +10,21 @@ from recbole.utils import init_logger, init_seed, set_color
 
 from recbole_llmser.config import Config
 from recbole_llmser.data import create_dataset, data_preparation
+from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.evaluation import evaluate_split, format_results
 from recbole_llmser.utils import atomic_write_json, atomic_write_text, get_model, get_trainer, unique_stem
 
 
-def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None, saved=True):
+def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None, saved=True,
+        dry_run=False):
     """Build the config, train ``model`` on ``dataset`` and evaluate it; returns the result dict.
 
     ``cmd_args`` are ``--key=value`` strings applied last (``None`` reads ``sys.argv`` as RecBole does).
+    With ``method: llmser`` the augmentation stage runs first (see ``stage``); ``dry_run`` only prints its LLM
+    estimate. ``stage: augment`` returns ``{"artifact": path}`` without training.
     """
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
-    return run_with_config(config, saved=saved)
+    return run_with_config(config, saved=saved, dry_run=dry_run)
 
 
 def _make_run_dir(config) -> Path:
@@ -30,12 +34,31 @@ def _make_run_dir(config) -> Path:
     return run_dir
 
 
-def run_with_config(config, saved=True):
+def augment(config, dry_run=False):
+    """The LLMSeR augmentation stage for ``config``; returns the artifact path (None for a dry run)."""
+    from recbole_llmser.augment.pipeline import run_augmentation
+
+    plain = config.copy_with(method="none", aug_file=None, train_all_positions=False)
+    return run_augmentation(config, create_dataset(plain), dry_run=dry_run)
+
+
+def run_with_config(config, saved=True, dry_run=False):
     """Train and evaluate with an existing Config. Writes ``<run dir>/{config.yaml, results.json, *.pth}``."""
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
     logger.info(config)
+
+    if config["method"] == "llmser":
+        stage = config["stage"]
+        if stage == "train" and not config["aug_file"]:
+            raise LLMSeRError("--stage=train needs --aug_file=<artifact.jsonl> (made by --stage=augment)")
+        if stage == "augment" or dry_run or not config["aug_file"]:
+            artifact = augment(config, dry_run=dry_run)
+            if dry_run or stage == "augment":
+                return {"artifact": str(artifact) if artifact else None}
+            config["aug_file"] = str(artifact)
+        logger.info(f"dual-channel training with the augmentation artifact {config['aug_file']}")
 
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
@@ -47,7 +70,7 @@ def run_with_config(config, saved=True):
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     logger.info(model)
-    trainer = get_trainer(config["MODEL_TYPE"], config["model"])(config, model)
+    trainer = get_trainer(config["MODEL_TYPE"], config["model"], config)(config, model)
 
     best_valid_score, best_valid_result = trainer.fit(
         train_data, valid_data, saved=saved, show_progress=config["show_progress"]
@@ -73,6 +96,7 @@ def run_with_config(config, saved=True):
         "test": test_result,
         "run_dir": str(run_dir),
         "checkpoint": trainer.saved_model_file if saved else None,
+        "aug_file": config["aug_file"],
     }
     atomic_write_json(run_dir / "results.json", result)
     logger.info(set_color("outputs", "blue") + f": {run_dir} (results.json, config.yaml"

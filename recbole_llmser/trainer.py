@@ -1,13 +1,32 @@
 """Trainers. ``SequentialTrainer`` is RecBole's ``Trainer`` with explicit, unique checkpoint names and
-checkpoint loading that works on torch >= 2.6; later trainers (dual-channel training) extend it."""
+checkpoint loading that works on torch >= 2.6; ``DualChannelTrainer`` adds dual-channel training (DCT)."""
 
 from __future__ import annotations
 
+import copy
 import os
 
+import numpy as np
+import torch
+from recbole.data.dataloader import TrainDataLoader
 from recbole.trainer import Trainer
 
 from recbole_llmser.compat import load_checkpoint
+from recbole_llmser.dct import (
+    CHANNEL_FIELD,
+    TARGET_LIST_FIELD,
+    WEIGHT_FIELD,
+    WEIGHT_LIST_FIELD,
+    all_positions_loss,
+    bert4rec_weighted_loss,
+    is_bert4rec,
+    row_weighted_loss_fct,
+    sample_channels,
+    sampled_rows,
+    supports_per_row_loss,
+    uses_all_positions,
+)
+from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.utils import unique_stem
 
 
@@ -52,3 +71,116 @@ class SequentialTrainer(Trainer):
             )
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.logger.info(f"Checkpoint loaded. Resume training from epoch {self.start_epoch}")
+
+
+class _ScaledTrainDataLoader(TrainDataLoader):
+    """RecBole's ``TrainDataLoader`` with ``scale`` x the configured number of dataset rows per batch and its
+    shuffle generator seeded with ``seed``."""
+
+    def __init__(self, config, dataset, sampler, shuffle, scale=1.0, seed=None):
+        self._scale = scale
+        super().__init__(config, dataset, sampler, shuffle=shuffle)
+        if seed is not None:
+            self.generator.manual_seed(seed)
+
+    def _init_batch_size_and_step(self):
+        super()._init_batch_size_and_step()
+        self.step = max(1, round(self.step * self._scale))
+        self.set_batch_size(self.step * self.times)
+
+
+class DualChannelTrainer(SequentialTrainer):
+    """Trains on an ``AugmentedSequentialDataset`` with the objective Σ_rows w_row · ℓ(row) (see ``dct.py``).
+
+    * ``dct_mode: exact``, rows layout: per-row losses through the model's own ``calculate_loss`` with a per-row
+      weighted ``loss_fct`` (SASRec, GRU4Rec, NARM, ... with CE or BPR), or BERT4Rec's masked objective per row.
+    * windows layout (all positions, SASRec / GRU4Rec; also plain training with ``train_all_positions``): one
+      forward per window, the loss over every trained position. ``all_positions_batch: rows`` sizes batches to
+      hold on average ``train_batch_size`` training rows (so an epoch has as many steps as with rows);
+      ``sequences``: ``train_batch_size`` windows per batch.
+    * ``dct_mode: sample``: every epoch each user trains on its augmented rows with probability w̃_u, else on its
+      original rows (shared rows always), through the model's unchanged ``calculate_loss``; any model.
+
+    Validation, early stopping on ``valid_metric`` and checkpoints are RecBole's ``fit``.
+    """
+
+    def __init__(self, config, model):
+        super().__init__(config, model)
+        self.dct_mode = config["dct_mode"] if config["method"] == "llmser" else "exact"
+        self.reduction = config["dct_reduction"]
+        self._windows_loader = (None, None)  # (train_data it was built for, loader)
+        self._row_loss_kind = "bert4rec" if is_bert4rec(model) else "loss_fct"
+        if (self.dct_mode == "exact" and not uses_all_positions(config) and self._row_loss_kind == "loss_fct"
+                and not supports_per_row_loss(getattr(model, "loss_fct", None))):
+            raise LLMSeRError(
+                f"dct_mode: exact needs per-row losses; {config['model']} has no RecBole CE/BPR loss_fct "
+                "(supported: SASRec, GRU4Rec, BERT4Rec, NARM, ...); use dct_mode: sample"
+            )
+
+    def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
+        dataset = train_data._dataset
+        layout = getattr(dataset, "dct_layout", None)
+        if layout is None:
+            raise LLMSeRError("DualChannelTrainer trains on an AugmentedSequentialDataset (see create_dataset)")
+        if layout == "windows":
+            train_data, loss_func = self._windows(train_data), loss_func or self._all_positions_loss
+        elif self.dct_mode == "sample":
+            train_data = self._sampled(train_data, epoch_idx)  # loss_func None: the model's calculate_loss
+        else:
+            loss_func = loss_func or self._row_loss
+        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+
+    # ----- losses -----------------------------------------------------------------------------------------
+    def _row_loss(self, interaction):
+        weight = interaction[WEIGHT_FIELD]
+        if self._row_loss_kind == "bert4rec":
+            return bert4rec_weighted_loss(self.model, interaction, weight, self.reduction)
+        with row_weighted_loss_fct(self.model, weight, self.reduction):
+            return self.model.calculate_loss(interaction)
+
+    def _all_positions_loss(self, interaction):
+        return all_positions_loss(self.model, interaction, self.reduction, self._negatives)
+
+    def _negatives(self, users, items):
+        return self._neg_sampler.sample_by_user_ids(users.cpu().numpy(), items.cpu().numpy(), 1)
+
+    # ----- epoch loaders ----------------------------------------------------------------------------------
+    def _loader(self, train_data, dataset, scale=1.0, seed=None):
+        loader = _ScaledTrainDataLoader(self.config, dataset, train_data._sampler, train_data.shuffle, scale, seed)
+        loader.model = train_data.model
+        return loader
+
+    def _windows(self, train_data):
+        """The windows loader, built once: batches sized per ``all_positions_batch``; for BPR the negative
+        sampler excludes every training target of the user, as with rows."""
+        if self._windows_loader[0] is not train_data:
+            dataset = train_data._dataset
+            by_rows = self.config["all_positions_batch"] == "rows"
+            scale = len(dataset) / dataset.dct_n_rows if by_rows else 1.0
+            self._windows_loader = (train_data, self._loader(train_data, dataset, scale))
+            if self.model.loss_type == "BPR":
+                self._neg_sampler = copy.copy(train_data._sampler)
+                self._neg_sampler.used_ids = window_targets_by_user(dataset)
+        return self._windows_loader[1]
+
+    def _sampled(self, train_data, epoch_idx):
+        """This epoch's rows of ``dct_mode: sample`` (same draw in every process: seeded by seed and epoch)."""
+        dataset = train_data._dataset
+        inter = dataset.inter_feat
+        chosen = sample_channels(dataset.dct_user_weight, self.config["seed"], epoch_idx)
+        keep = sampled_rows(inter[dataset.uid_field].numpy(), inter[CHANNEL_FIELD].numpy(), chosen)
+        subset = dataset.copy(inter[torch.from_numpy(np.flatnonzero(keep))])
+        seed = int(np.random.SeedSequence([int(self.config["seed"]) % 2**32, epoch_idx]).generate_state(1)[0])
+        return self._loader(train_data, subset, seed=seed)
+
+
+def window_targets_by_user(dataset):
+    """Per user id, the set of items that are a trained target of one of its windows (BPR's used ids)."""
+    inter = dataset.inter_feat
+    active = inter[WEIGHT_LIST_FIELD].numpy() > 0
+    users = np.broadcast_to(inter[dataset.uid_field].numpy()[:, None], active.shape)[active]
+    items = inter[TARGET_LIST_FIELD].numpy()[active]
+    used = np.array([set() for _ in range(dataset.user_num)])
+    for u, i in zip(users.tolist(), items.tolist()):
+        used[u].add(i)
+    return used

@@ -32,12 +32,14 @@ def get_model(model_name: str):
         ) from None
 
 
-def get_trainer(model_type, model_name: str):
-    """Trainer class: our sequential trainer for sequential models, RecBole's otherwise."""
-    from recbole_llmser.trainer import SequentialTrainer
+def get_trainer(model_type, model_name: str, config=None):
+    """Trainer class: ``DualChannelTrainer`` when ``config`` asks for dual-channel training (see
+    ``recbole_llmser.dct.dct_enabled``), our sequential trainer for other sequential models, RecBole's otherwise."""
+    from recbole_llmser.dct import dct_enabled
+    from recbole_llmser.trainer import DualChannelTrainer, SequentialTrainer
 
     if model_type == ModelType.SEQUENTIAL:
-        return SequentialTrainer
+        return DualChannelTrainer if config is not None and dct_enabled(config) else SequentialTrainer
     from recbole.utils import get_trainer as _recbole_get_trainer
 
     return _recbole_get_trainer(model_type, model_name)

@@ -4,8 +4,30 @@ no longer a row's target and per-user counts are off by one)."""
 
 from __future__ import annotations
 
+import json
+import math
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
 import numpy as np
+import torch
 from recbole.data.dataset import SequentialDataset as _RecBoleSequentialDataset
+from recbole.data.interaction import Interaction
+
+from recbole_llmser.dct import (
+    AUGMENTED,
+    CHANNEL_FIELD,
+    ORIGINAL,
+    SHARED,
+    TARGET_LIST_FIELD,
+    WEIGHT_FIELD,
+    WEIGHT_LIST_FIELD,
+    dual_channel_rows,
+    uses_all_positions,
+    windows_from_rows,
+)
+from recbole_llmser.errors import LLMSeRError
 
 
 def per_user_items(uid: np.ndarray, iid: np.ndarray, n_users: int):
@@ -29,3 +51,317 @@ class SequentialDataset(_RecBoleSequentialDataset):
         iid = self.inter_feat[self.iid_field].to_numpy()
         self.user_train_len = np.maximum(np.bincount(uid, minlength=self.user_num) - 2, 0)
         self.user_items = per_user_items(uid, iid, self.user_num)
+
+
+# ----- the augmentation artifact ----------------------------------------------------------------------------
+class Augmentation(NamedTuple):
+    """What DCT takes from an augmentation artifact, in RecBole's internal ids."""
+
+    pseudo: dict            # user id -> np.int64 array of pseudo item ids, in the order to prepend
+    w_tilde: np.ndarray     # [n_users] float64, NaN for users without a record
+    skipped: Counter        # problem kind -> number of records skipped (aug_bad_records: skip)
+    n_records: int          # records read (valid or not)
+
+
+class _BadRecord(Exception):
+    def __init__(self, kind, message, user=None):
+        super().__init__(message)
+        self.kind, self.user = kind, user
+
+
+def _token(value):
+    """A raw token from JSON: a string, or an integer written without quotes."""
+    if isinstance(value, str) and value:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _weight(record, key, required):
+    if key not in record:
+        if required:
+            raise _BadRecord("missing or malformed field", f"no '{key}' field")
+        return None
+    value = record[key]
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value <= 1
+    if not ok:
+        raise _BadRecord("bad weight", f"'{key}' = {value!r} is not a number in [0, 1]")
+    return float(value)
+
+
+def _parse_record(line, user_ids, item_ids):
+    """(raw user token, user id, pseudo item ids, w̃) of one artifact line, or raise _BadRecord."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise _BadRecord("invalid JSON", f"invalid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise _BadRecord("invalid JSON", f"expected a JSON object, got {type(record).__name__}")
+    if "user_id" not in record:
+        raise _BadRecord("missing or malformed field", "no 'user_id' field")
+    raw_user = _token(record["user_id"])
+    if raw_user is None:
+        raise _BadRecord("unknown user", f"'user_id' = {record['user_id']!r} is not a user token")
+    uid = user_ids.get(raw_user, 0)
+    if uid == 0:  # 0 is RecBole's padding token
+        raise _BadRecord("unknown user", "is not a user of the dataset", raw_user)
+    try:
+        items = record.get("pseudo_items")
+        if not isinstance(items, list):
+            problem = f"'pseudo_items' must be a list of item tokens, not {items!r}"
+            raise _BadRecord("missing or malformed field", problem)
+        ids = []
+        for value in items:
+            token = _token(value)
+            iid = item_ids.get(token, 0) if token is not None else 0
+            if iid == 0:
+                raise _BadRecord("unknown item", f"pseudo item {value!r} is not an item of the dataset")
+            ids.append(iid)
+        if len(set(ids)) != len(ids):
+            repeated = next(items[i] for i, x in enumerate(ids) if ids.index(x) != i)
+            raise _BadRecord("repeated pseudo item", f"pseudo item {repeated!r} is listed twice")
+        _weight(record, "w", required=False)
+        w_tilde = _weight(record, "w_tilde", required=True)
+    except _BadRecord as err:
+        err.user = raw_user
+        raise
+    return raw_user, uid, np.asarray(ids, dtype=np.int64), w_tilde
+
+
+def read_augmentation(path, user_ids: dict, item_ids: dict, n_users: int, on_bad: str = "error") -> Augmentation:
+    """Stream an augmentation artifact (JSON lines, one record per user) into internal ids.
+
+    A record needs ``user_id`` (raw token), ``pseudo_items`` (raw item tokens, prepend order) and ``w_tilde``
+    (number in [0, 1]); ``w``, when present, must be a number in [0, 1] too; other fields are ignored; blank
+    lines are skipped. ``user_ids`` / ``item_ids`` map raw tokens to RecBole's ids (``field2token_id``).
+
+    A bad record (invalid JSON, missing field, unknown user or item, weight outside [0, 1] or not a number,
+    a user listed twice, a pseudo item repeated within a record) raises a one-line ``LLMSeRError`` naming the
+    file, line and user, or with ``on_bad='skip'`` is skipped and counted (the first record of a user wins).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LLMSeRError(f"aug_file {path}: file not found; run the augmentation stage or fix --aug_file")
+    pseudo, skipped, n_records = {}, Counter(), 0
+    w_tilde = np.full(n_users, np.nan)
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            n_records += 1
+            try:
+                raw_user, uid, ids, weight = _parse_record(line, user_ids, item_ids)
+                if uid in pseudo:
+                    raise _BadRecord("duplicate user", "has a second record", raw_user)
+            except _BadRecord as err:
+                if on_bad == "skip":
+                    skipped[err.kind] += 1
+                    continue
+                who = f"user {err.user!r}" if err.user is not None else "user unknown"
+                raise LLMSeRError(
+                    f"{path}:{line_no}: {who}: {err}; fix the artifact or set aug_bad_records: skip"
+                ) from None
+            pseudo[uid] = ids
+            w_tilde[uid] = weight
+    return Augmentation(pseudo, w_tilde, skipped, n_records)
+
+
+# ----- dual-channel training data -------------------------------------------------------------------------
+class _SequenceTable:
+    """Every position of every user's original sequence (the raw interactions in time order) and augmented
+    sequence (P_u, then the raw interactions) as one row of a table per field.
+
+    Table row 0 is padding (zeros), rows 1..N the raw interactions sorted by (user, time), then one row per
+    pseudo item (item field = the pseudo item, every other field 0)."""
+
+    def __init__(self, raw, uid_field, iid_field, pseudo: dict, n_users: int):
+        uid = raw[uid_field].numpy()
+        self.count = np.bincount(uid, minlength=n_users)
+        self.first = np.cumsum(self.count) - self.count
+        self.n_raw = len(uid)
+        self.n_pseudo = np.zeros(n_users, np.int64)
+        for u, ids in pseudo.items():
+            self.n_pseudo[u] = len(ids)
+        self.pseudo_first = np.cumsum(self.n_pseudo) - self.n_pseudo
+        pseudo_items = np.concatenate([pseudo[u] for u in sorted(pseudo)] + [np.empty(0, np.int64)])
+        self.fields = {}
+        for field, values in raw.interaction.items():
+            if field == uid_field:
+                continue
+            pad = torch.zeros((1,) + tuple(values.shape[1:]), dtype=values.dtype)
+            extra = torch.zeros((len(pseudo_items),) + tuple(values.shape[1:]), dtype=values.dtype)
+            if field == iid_field:
+                extra = torch.as_tensor(pseudo_items, dtype=values.dtype)
+            self.fields[field] = torch.cat([pad, values, extra])
+        self.items = self.fields[iid_field].numpy()
+
+    def index(self, user, seq, pos):
+        """Table row of position ``pos`` of (user, seq): seq 0 = original, 1 = augmented (numpy, broadcasts)."""
+        m = np.where(seq == 1, self.n_pseudo[user], 0)
+        q = pos - m
+        return np.where(q >= 0, 1 + self.first[user] + q, 1 + self.n_raw + self.pseudo_first[user] + pos)
+
+    def gather(self, user, seq, start, length, max_len):
+        """Histories ``sequence[start:start+length]`` (right-padded with table row 0) -> [R, max_len] rows."""
+        k = np.arange(max_len)
+        pos = start[:, None] + k[None, :]
+        hist = self.index(user[:, None], seq[:, None], pos)
+        return torch.from_numpy(np.where(k[None, :] < length[:, None], hist, 0))
+
+
+def _rank_within(keys, n_keys):
+    """0-based rank of each entry among the entries with the same key, in order of appearance."""
+    order = np.argsort(keys, kind="stable")
+    count = np.bincount(keys, minlength=n_keys)
+    rank = np.empty(len(keys), np.int64)
+    rank[order] = np.arange(len(keys)) - (np.cumsum(count) - count)[keys[order]]
+    return rank
+
+
+class AugmentedSequentialDataset(SequentialDataset):
+    """``SequentialDataset`` whose training split holds the dual-channel rows (``recbole_llmser.dct``).
+
+    * ``config['aug_file']``: the augmentation artifact (:func:`read_augmentation`); ``None`` = every user on
+      the original channel with weight 1 (plain training through the all-positions path).
+    * Training split (``build()``): ``T_u`` = the user's training items (the history and targets of its RecBole
+      training rows, s_1 .. s_{n-2} under leave-one-out). Rows layout (``dct_layout == 'rows'``): RecBole's row
+      fields plus ``dct_weight`` (float) and ``dct_channel`` (ORIGINAL / AUGMENTED / SHARED). Windows layout
+      (``'windows'``, the all-positions path): one row per window, ``item_id_list`` = its inputs, ``dct_target_list``
+      / ``dct_weight_list`` = target item and weight per input position, ``dct_channel`` = the sequence
+      (ORIGINAL / AUGMENTED); the row's scalar fields are those of its last target.
+    * Validation / test rows: with ``aug_at_eval`` the history becomes (P_u ⊕ history) truncated from the left
+      to ``MAX_ITEM_LIST_LENGTH`` (other list fields get 0 at pseudo positions); targets never change.
+    * ``user_train_len`` / ``user_items`` keep counting original interactions only.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        path = config["aug_file"] if config["method"] == "llmser" else None
+        if path:
+            self.augmentation = read_augmentation(
+                path, self.field2token_id[self.uid_field], self.field2token_id[self.iid_field],
+                self.user_num, config["aug_bad_records"],
+            )
+            self._log_artifact(path)
+        else:
+            self.augmentation = Augmentation({}, np.full(self.user_num, np.nan), Counter(), 0)
+        self.dct_layout = "windows" if uses_all_positions(config) else "rows"
+
+    def _log_artifact(self, path):
+        aug = self.augmentation
+        weights = aug.w_tilde[~np.isnan(aug.w_tilde)]
+        skipped = ", ".join(f"{k}: {v}" for k, v in sorted(aug.skipped.items())) or "none"
+        self.logger.info(
+            f"DCT artifact {path}: {aug.n_records} records, {len(aug.pseudo)} users used "
+            f"({len(aug.pseudo) / max(self.user_num - 1, 1):.1%} of users), skipped: {skipped}; "
+            f"mean pseudo items {np.mean([len(p) for p in aug.pseudo.values()] or [0]):.2f}, "
+            f"mean w_tilde {weights.mean() if len(weights) else float('nan'):.3f}"
+        )
+        if aug.skipped:
+            self.logger.warning(f"DCT artifact {path}: skipped {sum(aug.skipped.values())} bad records ({skipped})")
+
+    def data_augmentation(self):
+        self._check_field("uid_field", "time_field")
+        self.sort(by=[self.uid_field, self.time_field], ascending=True)
+        self._raw_inter = self.inter_feat  # the interactions in (user, time) order, before prefix expansion
+        super().data_augmentation()
+
+    def build(self):
+        datasets = super().build()
+        if not hasattr(self, "_raw_inter"):
+            raise LLMSeRError("dual-channel training needs RecBole's own sequence expansion; unset benchmark_filename")
+        if len(datasets) != 3:
+            raise LLMSeRError(f"dual-channel training needs a train/valid/test split, got {len(datasets)} parts")
+        train, valid, test = datasets
+        aug, L = self.augmentation, self.max_item_list_len
+        table = _SequenceTable(self._raw_inter, self.uid_field, self.iid_field, aug.pseudo, self.user_num)
+
+        n_rows = {}
+        for name, part in (("train", train), ("valid", valid), ("test", test)):
+            n_rows[name] = np.bincount(part.inter_feat[self.uid_field].numpy(), minlength=self.user_num)
+        n_train = np.where(n_rows["train"] > 0, n_rows["train"] + 1, 0)  # |T_u|
+        first_target = {"train": np.ones(self.user_num, np.int64), "valid": n_train,
+                        "test": n_train + n_rows["valid"]}
+        positions = {}
+        for name, part in (("train", train), ("valid", valid), ("test", test)):
+            user = part.inter_feat[self.uid_field].numpy()
+            pos = first_target[name][user] + _rank_within(user, self.user_num)
+            if not np.array_equal(table.items[table.index(user, 0, pos)], part.inter_feat[self.iid_field].numpy()):
+                raise LLMSeRError(
+                    "dual-channel training needs each user's training rows before its validation and test rows "
+                    "(eval_args: split LS or RS grouped by user, order TO)"
+                )
+            positions[name] = pos
+
+        rows = dual_channel_rows(n_train, table.n_pseudo, aug.w_tilde, L, self.config["aug_targets"])
+        train.inter_feat = (self._window_rows if self.dct_layout == "windows" else self._training_rows)(table, rows)
+        train.dct_user_weight = aug.w_tilde
+        train.dct_n_rows = len(rows.user)
+        if self.config["aug_at_eval"]:
+            for part, name in ((valid, "valid"), (test, "test")):
+                self._prepend_pseudo(part, table, positions[name])
+        self._log_rows(rows, train, valid, test)
+        return [train, valid, test]
+
+    def _list_field(self, field):
+        return getattr(self, f"{field}_list_field")
+
+    def _rows_interaction(self, table, user, seq, start, length, target_index):
+        hist = table.gather(user, seq, start, length, self.max_item_list_len)
+        data = {self.uid_field: torch.from_numpy(user), self.item_list_length_field: torch.from_numpy(length)}
+        for field, values in table.fields.items():
+            data[field] = values[torch.from_numpy(target_index)]
+            data[self._list_field(field)] = values[hist]
+        return data
+
+    def _training_rows(self, table, rows):
+        data = self._rows_interaction(table, rows.user, rows.seq, rows.start, rows.end - rows.start,
+                                      table.index(rows.user, rows.seq, rows.end))
+        data[WEIGHT_FIELD] = torch.from_numpy(rows.weight.astype(np.float32))
+        data[CHANNEL_FIELD] = torch.from_numpy(rows.flag.astype(np.int64))
+        return Interaction(data)
+
+    def _window_rows(self, table, rows):
+        win = windows_from_rows(rows, self.max_item_list_len)
+        data = self._rows_interaction(table, win.user, win.seq, win.start, win.length,
+                                      table.index(win.user, win.seq, win.start + win.length))
+        shape = (len(win.user), self.max_item_list_len)
+        targets = np.zeros(shape, np.int64)
+        weights = np.zeros(shape, np.float32)
+        targets[win.row_window, win.row_slot] = table.items[table.index(rows.user, rows.seq, rows.end)]
+        weights[win.row_window, win.row_slot] = rows.weight
+        data[TARGET_LIST_FIELD] = torch.from_numpy(targets)
+        data[WEIGHT_LIST_FIELD] = torch.from_numpy(weights)
+        data[CHANNEL_FIELD] = torch.from_numpy(win.seq.astype(np.int64))
+        return Interaction(data)
+
+    def _prepend_pseudo(self, part, table, pos):
+        """Rebuild the histories of a validation/test split from the augmented sequences (targets kept)."""
+        inter = part.inter_feat
+        user = inter[self.uid_field].numpy()
+        seq = (table.n_pseudo[user] > 0).astype(np.int64)
+        end = pos + np.where(seq == 1, table.n_pseudo[user], 0)
+        start = np.maximum(end - self.max_item_list_len, 0)
+        data = self._rows_interaction(table, user, seq, start, end - start, table.index(user, seq, end))
+        inputs = {self.item_list_length_field, *(self._list_field(field) for field in table.fields)}
+        inter.update(Interaction({k: v for k, v in data.items() if k in inputs}))
+
+    def _log_rows(self, rows, train, valid, test):
+        counts = np.bincount(rows.flag, minlength=3)
+        msg = (f"DCT training rows: {counts[ORIGINAL]} original, {counts[AUGMENTED]} augmented, "
+               f"{counts[SHARED]} shared (weight 1); layout {self.dct_layout}")
+        if self.dct_layout == "windows":
+            msg += f" ({len(train.inter_feat)} windows)"
+        self.logger.info(msg)
+        pseudo = self.augmentation.pseudo
+        if pseudo:
+            hits = sum(
+                int(np.isin(item, pseudo[u]).any()) if u in pseudo else 0
+                for part in (valid, test)
+                for u, item in zip(part.inter_feat[self.uid_field].numpy(), part.inter_feat[self.iid_field].numpy())
+            )
+            self.logger.info(
+                f"DCT diagnostic: {hits} validation/test targets are among their user's pseudo items "
+                "(kept: pseudo items are never filtered by evaluation items)"
+            )

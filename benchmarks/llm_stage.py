@@ -1,0 +1,112 @@
+"""LLM-stage benchmark: throughput vs the ideal, cached re-run cost, tokens per user, peak memory.
+
+    python benchmarks/llm_stage.py                       # throughput part only (about a minute)
+    python benchmarks/llm_stage.py --beauty              # + the whole augmentation of amazon-beauty
+
+Everything talks to the local OpenAI-compatible test server (tests/llm_server.py) on 127.0.0.1 with a fixed
+latency per request, through the real ``openai`` client, side by side in one run:
+
+* throughput at concurrency 1, 8, 32 as a share of the ideal ``calls x latency / concurrency`` (target >= 80 %
+  at 32);
+* a cached re-run of the same requests as a share of the first run's time (target < 5 %);
+* ``--beauty``: ``run_recbole_llmser.py --method=llmser --stage=augment`` on the bundled amazon-beauty in a child
+  process pointed at the server: tokens per user from its summary, the child's peak RSS (target < 2 GiB), the
+  stage timings, and a second run's LLM calls (target: 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from recbole_llmser.augment.llm import LLMClient, LLMRequest, LLMSettings, ResponseCache  # noqa: E402
+from recbole_llmser.augment.prompts import SNF_TEMPLATE_VERSION, snf_messages, snf_schema  # noqa: E402
+from tests.llm_server import FakeLLMServer  # noqa: E402
+
+
+def requests_for(n: int, salt: str):
+    history = [f"history item {j} lipstick shade" for j in range(8)]
+    return [
+        LLMRequest(id=f"u{i}", template_version=SNF_TEMPLATE_VERSION, schema=snf_schema(15, 20),
+                   messages=snf_messages(history, [f"{salt} candidate {i}-{c} cream" for c in range(20)], 15))
+        for i in range(n)
+    ]
+
+
+def throughput(server, latency: float, n: int, concurrency: int, workdir: Path):
+    cache = ResponseCache(workdir / f"cache-{concurrency}.jsonl")
+    settings = LLMSettings(model="fake-llm", base_url=server.base_url, concurrency=concurrency, max_retries=0)
+    reqs = requests_for(n, f"c{concurrency}")
+    t = time.perf_counter()
+    LLMClient(settings, cache, progress=False).run(reqs)
+    first = time.perf_counter() - t
+    t = time.perf_counter()
+    before = server.calls()
+    LLMClient(settings, ResponseCache(cache.path), progress=False).run(reqs)
+    cached = time.perf_counter() - t
+    assert server.calls() == before, "the cached re-run made calls"
+    ideal = n * latency / concurrency
+    return first, ideal, cached
+
+
+def beauty(server, workdir: Path, extra: list):
+    cmd = [sys.executable, str(REPO / "run_recbole_llmser.py"), "--model=SASRec", "--dataset=amazon-beauty",
+           "--method=llmser", "--stage=augment", f"--llm_base_url={server.base_url}", "--llm_concurrency=32",
+           f"--checkpoint_dir={workdir / 'saved'}", "--show_progress=False", *extra]
+    runs = []
+    for attempt in range(2):
+        calls = server.calls()
+        t = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+        if proc.returncode != 0:
+            sys.exit(proc.stderr[-3000:])
+        runs.append((wall, server.calls() - calls))
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    summary = json.loads(next((workdir / "saved").rglob("summary.json")).read_text())
+    return runs, peak_kib, summary, " ".join(cmd[1:])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--latency", type=float, default=0.5, help="server seconds per request (an LLM answer takes 0.5-3 s)")
+    parser.add_argument("--calls", type=int, default=640, help="requests per throughput run")
+    parser.add_argument("--beauty", action="store_true", help="also augment amazon-beauty end to end")
+    parser.add_argument("--beauty_args", default="--ccg_epochs=1 --ccg_max_len=20 --ccg_batch_size=1024",
+                        help="extra properties for the amazon-beauty run (stated in the output)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp, FakeLLMServer(latency=args.latency) as server:
+        workdir = Path(tmp)
+        print(f"server latency {args.latency:.3f} s, {args.calls} calls per run")
+        print(f"{'concurrency':>11} {'wall s':>8} {'ideal s':>8} {'of ideal':>9} {'cached s':>9} {'cached/first':>13}")
+        for c in (1, 8, 32):
+            n = args.calls if c > 1 else max(40, args.calls // 8)  # concurrency 1 takes calls x latency
+            first, ideal, cached = throughput(server, args.latency, n, c, workdir)
+            print(f"{c:>11} {first:>8.2f} {ideal:>8.2f} {ideal / first:>8.0%} {cached:>9.3f} {cached / first:>12.1%}")
+        if args.beauty:
+            server.latency = 0.0
+            runs, peak_kib, summary, cmd = beauty(server, workdir, args.beauty_args.split())
+            llm = summary["llm"]
+            users = summary["augmented_users"]
+            print(f"\namazon-beauty augmentation: python {cmd}")
+            print(f"  users {summary['users']}, augmented {users}, backend {summary['backend']}")
+            print(f"  first run {runs[0][0]:.0f} s with {runs[0][1]} LLM calls; second run {runs[1][0]:.0f} s with "
+                  f"{runs[1][1]} calls")
+            print(f"  tokens per user: prompt {llm['prompt_tokens'] / users:.0f}, completion "
+                  f"{llm['completion_tokens'] / users:.0f} (SNF + ARV)")
+            print(f"  stage timings (first run): {summary['timings_s']}")
+            print(f"  peak RSS of the augmentation process: {peak_kib / 2**20:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()

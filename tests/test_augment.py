@@ -1,0 +1,153 @@
+"""The augmentation stage end to end on tiny data: offline, through a local OpenAI-compatible server, text-free."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recbole_llmser.augment import candidates as ccg
+from recbole_llmser.augment.llm import LLMClient
+from recbole_llmser.cli import main
+from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.quick_start import run
+from tests.conftest import tiny_config_dict, write_tiny_dataset
+from tests.llm_server import FakeLLMServer
+
+SECRET = "sk-test-SECRET-4242"
+SMALL = dict(method="llmser", stage="augment", ccg_epochs=1, semantic_backend="tfidf", ccg_num_candidates=8,
+             snf_num_picks=6, aug_num_pseudo=4, arv_num_candidates=5, llm_max_retries=1, llm_timeout=5)
+
+
+def _augment(data, **extra):
+    cfg = tiny_config_dict(data, **{**SMALL, **extra})
+    out = run("SASRec", "tiny", config_dict=cfg, cmd_args=[])
+    path = Path(out["artifact"])
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    summary = json.loads((path.parent / "summary.json").read_text())
+    return path, records, summary
+
+
+def _check_records(records, sequences, k):
+    assert {r["user_id"] for r in records} == set(sequences)
+    for r in records:
+        assert len(r["pseudo_items"]) == 4 and len(set(r["pseudo_items"])) == 4
+        assert all(1 <= rank <= k for rank in r["ccg_rank"])  # always among the CCG candidates
+        prefix = sequences[r["user_id"]][:-2]
+        assert not set(r["pseudo_items"]) & set(prefix)  # CCG excludes the training prefix
+        assert 0.0 <= r["w_tilde"] <= r["w"] <= 1.0
+        if r["arv_status"] == "verified":
+            assert r["masked_item"] == prefix[-1]
+
+
+def test_offline_backend(tiny_data, tmp_cwd):
+    data, sequences = tiny_data
+    path, records, summary = _augment(data)
+    _check_records(records, sequences, 8)
+    assert summary["backend"] == "offline" and all(r["backend"] == "offline" for r in records)
+    assert summary["augmented_users"] == len(sequences)
+    assert set(summary["timings_s"]) == {"ccg", "snf", "arv", "total"}
+    # the same configuration reuses the artifact; the helper models are reused by name
+    again, _, _ = _augment(data)
+    assert again == path
+    models = list((path.parent.parent / "models").iterdir())
+    assert len(models) == 2 and {m.name.split("-")[1] for m in models} == {"reverse", "forward"}
+
+
+def test_llm_backend_cached_rerun_faults_and_secrets(tiny_data, tmp_cwd, monkeypatch, caplog):
+    data, sequences = tiny_data
+    seen = []
+    original = LLMClient.run
+
+    def spy(self, requests, desc="LLM"):
+        seen.extend(requests)
+        return original(self, requests, desc)
+
+    monkeypatch.setattr(LLMClient, "run", spy)
+    with FakeLLMServer(injection="every") as server:
+        server.rate_refusal, server.rate_hallucinate, server.rate_malformed = 0.1, 0.1, 0.05
+        llm = dict(llm_base_url=server.base_url, llm_api_key=SECRET, llm_model="fake-llm")
+        path, records, summary = _augment(data, **llm)
+        assert server.calls() == 2 * len(sequences)
+        assert all(r.headers.get("authorization") == f"Bearer {SECRET}" for r in server.records)
+        _check_records(records, sequences, 8)
+        assert all(r["backend"] == "llm" and r["llm_model"] == "fake-llm" for r in records)
+        assert summary["llm"]["calls"] == 2 * len(sequences)
+        assert summary["snf_status"].get("refusal", 0) + summary["snf_status"].get("hallucinated", 0) > 0
+
+        failed = sum(summary["llm"]["failures"].values())
+        assert failed > 0  # injected malformed bodies: not cached, answered by the fallback
+        # a second run reuses the artifact: zero calls
+        assert _augment(data, **llm)[1] == records and server.calls() == 2 * len(sequences)
+        # without the artifact, the LLM cache answers everything that succeeded; only failures are asked again
+        path.unlink()
+        server.rate_refusal = server.rate_hallucinate = server.rate_malformed = 0.0
+        _, records2, summary2 = _augment(data, **llm)
+        assert server.calls() == 2 * len(sequences) + failed
+        assert summary2["llm"]["cache_hits"] == 2 * len(sequences) - failed
+        _check_records(records2, sequences, 8)
+
+    # leakage: the history part of every prompt holds only training items of that user
+    titles = {f"i{i}": f"product number {i} in colour {['red', 'blue', 'green'][i % 3]}" for i in range(1, 51)}
+    for request in seen:
+        user = request.id.split(":", 1)[1]
+        held_out = {titles[i] for i in sequences[user][-2:]}
+        history = [line[2:] for line in request.messages[-1]["content"].splitlines() if line.startswith("- ")]
+        assert history and not held_out & set(history), request.id
+    # the key is nowhere on disk or in the log
+    for file in tmp_cwd.rglob("*"):
+        if file.is_file():
+            assert SECRET.encode() not in file.read_bytes(), file
+    assert SECRET not in caplog.text
+
+
+def test_dry_run_makes_no_call(tiny_data, tmp_cwd, capsys):
+    data, _ = tiny_data
+    with FakeLLMServer() as server:
+        argv = ["--model=SASRec", "--dataset=tiny", "--method=llmser", "--dry_run", f"--llm_base_url={server.base_url}",
+                *[f"--{k}={v}" for k, v in tiny_config_dict(data, **SMALL).items() if k not in ("method", "stage")]]
+        assert main(argv) == 0
+        assert server.calls() == 0
+    out = capsys.readouterr().out
+    assert "dry run" in out and "calls" in out
+
+
+def test_budget_stop_then_resume(tiny_data, tmp_cwd):
+    data, sequences = tiny_data
+    with FakeLLMServer() as server:
+        llm = dict(llm_base_url=server.base_url, llm_concurrency=1)
+        with pytest.raises(LLMSeRError, match="budget"):
+            _augment(data, llm_budget_tokens=3000, **llm)
+        spent = server.calls()
+        assert 0 < spent < 2 * len(sequences)
+        assert not list(tmp_cwd.rglob("artifact.jsonl"))
+        _, records, summary = _augment(data, **llm)
+        assert server.calls() == 2 * len(sequences)  # nothing finished was asked twice
+        assert len(records) == len(sequences)
+
+
+def test_text_free_dataset_uses_the_forward_model(tmp_cwd):
+    sequences = write_tiny_dataset(tmp_cwd / "data", with_item=False)
+    path, records, summary = _augment(tmp_cwd / "data", item_text_field=None,
+                                      load_col={"inter": ["user_id", "item_id", "timestamp"]})
+    assert summary["text"] == "none" and summary["backend"] == "model"
+    assert all(r["text"] == "none" and r["backend"] == "model" for r in records)
+    _check_records(records, sequences, 8)
+
+
+def test_helper_models_train_on_training_prefixes_only(tiny_data, tmp_cwd, monkeypatch):
+    data, sequences = tiny_data
+    trained = []
+    original = ccg._helper_dataset
+
+    def spy(dataset, helper, seqs, users):
+        trained.append((helper["ccg_direction"], [[dataset.id2token(dataset.iid_field, i) for i in s] for s in seqs],
+                        [dataset.id2token(dataset.uid_field, u) for u in users]))
+        return original(dataset, helper, seqs, users)
+
+    monkeypatch.setattr(ccg, "_helper_dataset", spy)
+    _augment(data)
+    assert {d for d, _, _ in trained} == {"reverse", "forward"}
+    for direction, seqs, users in trained:
+        for user, seq in zip(users, seqs):
+            prefix = sequences[user][:-2]
+            assert seq == (prefix[::-1] if direction == "reverse" else prefix)
