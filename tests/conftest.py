@@ -9,6 +9,7 @@ import pytest
 
 #: Small model and run settings that every training test uses (1 epoch, seconds on a CPU).
 TINY = {
+    "method": "none",
     "epochs": 1,
     "train_batch_size": 64,
     "eval_batch_size": 64,

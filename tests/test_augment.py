@@ -151,3 +151,21 @@ def test_helper_models_train_on_training_prefixes_only(tiny_data, tmp_cwd, monke
         for user, seq in zip(users, seqs):
             prefix = sequences[user][:-2]
             assert seq == (prefix[::-1] if direction == "reverse" else prefix)
+
+
+def test_llmser_all_stages_in_one_run(tiny_data, tmp_cwd):
+    """The default method: augment (offline), then dual-channel training with the artifact, grouped results."""
+    data, sequences = tiny_data
+    cfg = tiny_config_dict(data, **{**SMALL, "stage": "all"})
+    result = run("SASRec", "tiny", config_dict=cfg, cmd_args=[])
+    assert result["method"] == "llmser" and result["aug_file"].endswith("artifact.jsonl")
+    assert Path(result["aug_file"]).is_file()
+    full = result["test"]["full"]
+    assert full["overall"]["n"] == len(sequences) and sum(g["n"] for g in full["groups"]) == len(sequences)
+
+
+def test_stage_train_needs_an_artifact(tiny_data, tmp_cwd, capsys):
+    data, _ = tiny_data
+    argv = ["--model=SASRec", "--dataset=tiny", "--method=llmser", "--stage=train", f"--data_path={data}"]
+    assert main(argv) == 2
+    assert "--aug_file" in capsys.readouterr().err

@@ -160,12 +160,12 @@ def train_helper(config, dataset, users, sequences, direction: str, out_dir: Pat
 
 
 @torch.no_grad()
-def score_top_k(model, histories, exclude, k: int, batch_size: int, desc: str) -> np.ndarray:
+def score_top_k(model, histories, exclude, k: int, batch_size: int, desc: str, show_progress=True) -> np.ndarray:
     """Top-``k`` items after each history (left-truncated to the model's max length), minus ``exclude``."""
     out = np.zeros((len(histories), k), dtype=np.int64)
     device = next(model.parameters()).device
     starts = range(0, len(histories), batch_size)
-    for start in tqdm(starts, desc=desc, ncols=100, disable=len(starts) < 2):
+    for start in tqdm(starts, desc=desc, ncols=100, disable=not show_progress or len(starts) < 2):
         batch = histories[start:start + batch_size]
         inter = to_interaction(batch, model.max_seq_length, model.ITEM_SEQ, model.ITEM_SEQ_LEN).to(device)
         scores = model.full_sort_predict(inter).view(len(batch), -1)

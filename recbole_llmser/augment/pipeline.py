@@ -137,7 +137,8 @@ def run_augmentation(config, dataset, dry_run: bool = False):
     rev_seqs = [p[::-1] for p in prefixes]
     reverse = ccg.train_helper(config, dataset, list(users), rev_seqs, "reverse", models_dir)
     forward = ccg.train_helper(config, dataset, list(users), prefixes, "forward", models_dir)
-    cands = ccg.score_top_k(reverse, [rev_seqs[i] for i in idx], [prefixes[i] for i in idx], K, batch, "CCG")
+    cands = ccg.score_top_k(reverse, [rev_seqs[i] for i in idx], [prefixes[i] for i in idx], K, batch, "CCG",
+                            bool(config["show_progress"]))
     timings["ccg"] = time.monotonic() - t
 
     # ----- SNF ----------------------------------------------------------------------------------------------
@@ -195,7 +196,8 @@ def run_augmentation(config, dataset, dry_run: bool = False):
     rows = [row for row in pseudo if len(prefixes[idx[row]]) >= 2]
     histories = [np.concatenate([pseudo[row], prefixes[idx[row]][:-1]]) for row in rows]
     exclude = [np.unique(h) for h in histories]
-    arv_cands = ccg.score_top_k(forward, histories, exclude, n_arv, batch, "ARV") if rows else np.zeros((0, n_arv), int)
+    arv_cands = ccg.score_top_k(forward, histories, exclude, n_arv, batch, "ARV",
+                                bool(config["show_progress"])) if rows else np.zeros((0, n_arv), int)
     if backend == "llm":
         requests = [_arv_request(utok(users[idx[row]]), titles(prefixes[idx[row]][:-1][-hist_max:]),
                                  titles(arv_cands[j]), n_arv) for j, row in enumerate(rows)]
