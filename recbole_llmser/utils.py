@@ -6,6 +6,7 @@ import json
 import os
 import tempfile
 import uuid
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
@@ -51,14 +52,16 @@ def unique_stem(*parts: str) -> str:
     return "-".join([*(str(p) for p in parts if p), stamp, uuid.uuid4().hex[:8]])
 
 
-def atomic_write_text(path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
+@contextmanager
+def atomic_file(path, mode: str = "w"):
+    """Open a temp file beside ``path`` for writing; on success it is fsync'd and renamed to ``path``, on any
+    error deleted: a reader never sees a half-written ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -66,6 +69,12 @@ def atomic_write_text(path, text: str) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temp file in the same folder and a rename."""
+    with atomic_file(path) as f:
+        f.write(text)
 
 
 def atomic_write_json(path, obj) -> None:

@@ -1,7 +1,6 @@
 """Each backbone trains one epoch on tiny data through our run(), evaluates, and writes its outputs."""
 
 import json
-import time
 
 import pytest
 import torch

@@ -42,7 +42,6 @@ import logging
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -50,7 +49,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from recbole_llmser.errors import LLMSeRError
-from recbole_llmser.utils import atomic_write_json
+from recbole_llmser.utils import atomic_file, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -542,18 +541,8 @@ def cache_paths(cache_dir, dataset_name: str, text_field: str, backend: Semantic
 
 
 def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
 
 
 def _load_cached(npy: Path, side: Path, expect: dict) -> np.ndarray | None:
