@@ -1,0 +1,311 @@
+"""The experiment runner (issue #7): plan expansion and ids, resume, failures, jsonl robustness, report maths."""
+
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recbole_llmser import experiments as ex
+from recbole_llmser.errors import LLMSeRError
+from tests.conftest import tiny_config_dict
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------- plan expansion --
+def _plan(**extra):
+    plan = {
+        "name": "t",
+        "common": {"epochs": 3, "show_progress": False},
+        "runs": [
+            {"dataset": "d", "model": ["SASRec", "GRU4Rec"], "method": ["none", "llmser"], "seeds": [1, 2],
+             "overrides": {"epochs": 5}},
+            {"dataset": "d", "model": "SASRec", "method": "llmser", "seeds": [1], "group": "ablation",
+             "label": "beta 1", "overrides": {"aug_decay_beta": 1.0}},
+            {"dataset": "d", "model": "SASRec", "method": "llmser", "seeds": [1], "group": "sweep:aug_decay_beta",
+             "overrides": {"aug_decay_beta": 1.0}},
+        ],
+    }
+    plan.update(extra)
+    return plan
+
+
+def test_plan_expands_to_the_cartesian_product_with_stable_ids():
+    specs = ex.expand_plan(_plan())
+    assert len(specs) == 2 * 2 * 2 + 1 + 1
+    first = specs[0]
+    assert (first["model"], first["method"], first["seed"]) == ("SASRec", "none", 1)
+    assert first["overrides"] == {"epochs": 5, "show_progress": False}  # entry overrides win over common
+    assert first["config_dict"] == {"show_progress": False, "epochs": 5, "seed": 1, "method": "none"}
+    assert first["group"] == "main" and first["label"] is None
+    # stable: the same plan gives the same ids; every (model, method, seed) its own id
+    assert [s["id"] for s in specs] == [s["id"] for s in ex.expand_plan(_plan())]
+    assert len({s["id"] for s in specs[:8]}) == 8
+    # the same spec in two entries (ablation and sweep) is one run listed twice; the sweep's x is its override
+    assert specs[8]["id"] == specs[9]["id"] and len(ex.unique_runs(specs)) == 9
+    assert specs[9]["x"] == 1.0
+    # a changed spec is a new id; a non-semantic property (logging) is not part of the id
+    assert ex.spec_id("d", "SASRec", "none", 1, {"epochs": 5}) != ex.spec_id("d", "SASRec", "none", 1, {"epochs": 6})
+    assert ex.spec_id("d", "SASRec", "none", 1, {"epochs": 5}) == \
+        ex.spec_id("d", "SASRec", "none", 1, {"epochs": 5, "show_progress": True, "state": "INFO"})
+    assert ex.spec_id("d", "SASRec", "none", 1, {"a": 1, "b": 2}) == \
+        ex.spec_id("d", "SASRec", "none", 1, {"b": 2, "a": 1})
+    assert first["id"] == ex.spec_id("d", "SASRec", "none", 1, {"epochs": 5})  # documented formula; pinned here
+    # pinned: a changed hashing would re-run every finished experiment
+    assert ex.spec_id("d", "SASRec", "none", 1, {}) == "71c941b79f01"
+    # --only
+    assert {s["model"] for s in ex.select_specs(specs, "gru4rec")} == {"GRU4Rec"}
+    assert len(ex.select_specs(specs, "beta 1")) == 1
+
+
+def test_shipped_plans_are_valid_and_share_the_common_runs():
+    plans = {p.stem: ex.load_plan(p) for p in sorted((REPO / "experiments").glob("*.yaml"))}
+    assert {"beauty_main", "beauty_ablations", "fashion_ids", "smoke"} <= set(plans)
+    main = ex.unique_runs(ex.expand_plan(plans["beauty_main"]))
+    assert len(main) == 3 * 2 * 3
+    abl = ex.expand_plan(plans["beauty_ablations"])
+    # the paper-default LLMSeR and the plain SASRec runs are the main plan's runs (same ids: run once)
+    assert len({s["id"] for s in main} & {s["id"] for s in abl}) == 6
+    sweep_m = sorted(s["x"] for s in abl if s["group"] == "sweep:aug_num_pseudo" and s["seed"] == 42)
+    assert sweep_m == [2, 4, 8, 12, 16]
+    m16 = next(s for s in abl if s["x"] == 16)
+    assert m16["overrides"]["snf_num_picks"] >= 16
+    sweep_b = sorted(s["x"] for s in abl if s["group"] == "sweep:aug_decay_beta" and s["seed"] == 42)
+    assert sweep_b == [0.1, 0.3, 0.5, 0.7, 1.0]
+    smoke = ex.expand_plan(plans["smoke"])
+    assert all(s["overrides"]["epochs"] == 1 and s["overrides"]["MAX_ITEM_LIST_LENGTH"] == 20 for s in smoke)
+    assert str(ex.results_dir_for(plans["smoke"], "amazon-fashion-ids")) == "results/smoke/amazon-fashion-ids"
+    assert str(ex.results_dir_for(plans["beauty_main"], "amazon-beauty")) == "results/amazon-beauty"
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"runs": [{"dataset": "d", "model": "SASRec", "seeds": [1], "overrides": {"seed": 3}}]}, "seed"),
+    ({"runs": [{"dataset": "d", "model": "SASRec", "method": "bogus", "seeds": [1]}]}, "bogus"),
+    ({"runs": [{"dataset": "d", "model": "SASRec", "seeds": [1], "typo": 1}]}, "typo"),
+    ({"runs": [{"dataset": "d", "model": "SASRec", "seeds": [1], "group": "sweep:M"}]}, "needs 'x'"),
+    ({"runs": [{"dataset": "d", "model": "SASRec"}]}, "seeds"),
+    ({"runs": []}, "runs"),
+    ({"common": {"method": "none"}}, "method"),
+])
+def test_bad_plans_fail_with_one_clear_line(change, words):
+    with pytest.raises(LLMSeRError, match=words):
+        ex.expand_plan(_plan(**change))
+
+
+def test_results_dir_template():
+    plan = _plan()
+    assert ex.results_dir_for(plan, "d") == Path("results/d")
+    assert ex.results_dir_for(plan, "d", "/tmp/x/{dataset}") == Path("/tmp/x/d")
+    two = _plan(runs=_plan()["runs"] + [{"dataset": "e", "model": "SASRec", "seeds": [1]}], results_dir="out")
+    assert ex.results_dir_for(two, "e") == Path("out/e")  # several datasets: one folder each
+
+
+# -------------------------------------------------------------------------------------------------- maths --
+def test_mean_std_and_relative_gain():
+    m, s, n = ex.mean_std([0.1, 0.2, 0.3])
+    assert math.isclose(m, 0.2) and math.isclose(s, 0.1) and n == 3  # sample std (n - 1)
+    assert ex.mean_std([0.5]) == (0.5, None, 1)
+    assert ex.mean_std([]) == (None, None, 0)
+    assert ex.mean_std([None, float("nan"), 1.0]) == (1.0, None, 1)
+    assert math.isclose(ex.relative_gain(0.2, 0.3), 50.0)
+    assert math.isclose(ex.relative_gain(0.4, 0.3), -25.0)
+    assert ex.relative_gain(0.0, 0.3) is None and ex.relative_gain(None, 0.3) is None
+    assert ex.fmt_mean_std(0.2, 0.1) == "0.2000 ± 0.1000" and ex.fmt_mean_std(0.5, None) == "0.5000"
+    assert ex.fmt_gain(50.0) == "+50.0%" and ex.fmt_gain(-25.0) == "-25.0%" and ex.fmt_gain(None) == "—"
+    rows = ex.group_rows([("a", 1), ("b", 2), ("a", 3)], lambda t: t[0])
+    assert list(rows) == ["a", "b"] and rows["a"] == [("a", 1), ("a", 3)]
+
+
+# --------------------------------------------------------------------------------------------- jsonl files --
+def test_appends_survive_a_torn_last_line(tmp_path):
+    path = tmp_path / "runs.jsonl"
+    ex.append_jsonl(path, {"id": "a", "v": 1})
+    ex.append_jsonl(path, {"id": "b", "v": 2})
+    with open(path, "a") as f:
+        f.write('{"id": "c", "v": ')  # a writer killed mid-line
+    records, bad = ex.read_jsonl(path)
+    assert [r["id"] for r in records] == ["a", "b"] and bad == 1
+    ex.append_jsonl(path, {"id": "d", "v": 4})  # starts on a new line: the torn fragment stays alone
+    records, bad = ex.read_jsonl(path)
+    assert [r["id"] for r in records] == ["a", "b", "d"] and bad == 1
+    ex.append_jsonl(path, {"id": "a", "v": 5})  # a repeated id: the last record wins
+    runs, _ = ex.load_runs(tmp_path)
+    assert {r["id"]: r["v"] for r in runs} == {"a": 5, "b": 2, "d": 4}
+
+
+# ------------------------------------------------------------------------------------------------- report --
+def _result(ndcg, hit, groups, n=100):
+    def proto(p):
+        return {"protocol": p, "overall": {"n": n, "hit@10": hit, "ndcg@10": ndcg},
+                "groups": [{"name": g, "range": r, "n": gn, "hit@10": hit, "ndcg@10": v}
+                           for (g, r, gn), v in zip([("tail", "<=3", 40), ("medium", "4-6", 35), ("head", ">=7", 25)],
+                                                    groups)]}
+    return {"uni100": proto("uni100"), "full": proto("full")}
+
+
+def _record(model, method, seed, ndcg, group="main", label=None, x=None, overrides=None, groups=None, aug=None):
+    overrides = overrides or {}
+    groups = groups or [ndcg, ndcg, ndcg]
+    return {
+        "id": ex.spec_id("d", model, method, seed, overrides), "dataset": "d", "model": model, "method": method,
+        "seed": seed, "overrides": overrides, "group": group, "label": label, "x": x,
+        "started": "2025-01-01T00:00:00+00:00", "finished": "2025-01-01T00:01:00+00:00", "wall_s": 60.0,
+        "peak_rss_mb": 2048.0, "peak_gpu_mb": None, "best_valid_score": ndcg / 2, "train_eval_s": 30.0,
+        "valid": _result(ndcg / 2, 0.5, groups), "test": _result(ndcg, 0.5, groups),
+        "aug": aug if method == "llmser" else None, "settings": {"valid_metric": "NDCG@10"},
+        "env": {"device_name": "cpu"},
+    }
+
+
+AUG = {"backend": "offline", "llm_model": None, "timings_s": {"ccg": 10.0, "snf": 2.0, "arv": 3.0, "total": 15.0},
+       "llm": None, "reused": False}
+
+
+def test_report_maths_tables_and_plots_from_a_handmade_runs_file(tmp_path):
+    recs = [_record("SASRec", "none", s, v, groups=[v, 0.1, 0.1]) for s, v in zip((42, 43, 44), (0.1, 0.2, 0.3))]
+    recs += [_record("SASRec", "llmser", s, 0.3, groups=[0.3, 0.1, 0.1], aug=AUG) for s in (42, 43, 44)]
+    recs += [_record("SASRec", "llmser", s, 0.15, group="ablation", label="no decay", overrides={"b": 1},
+                     aug=AUG) for s in (42, 43)]
+    recs += [_record("SASRec", "llmser", 42, v, group="sweep:b", x=x, overrides={"b": x}, aug=AUG)
+             for x, v in ((0.1, 0.2), (0.3, 0.25), (1, 0.15))]
+    for r in recs:
+        ex.append_jsonl(tmp_path / "runs.jsonl", r)
+    path = ex.write_report(tmp_path, "python -m recbole_llmser.experiments plan.yaml")
+    text = path.read_text()
+    # main table: mean ± sample std over the seeds, the gain of llmser over none on the means
+    assert "0.2000 ± 0.1000" in text and "0.3000 ± 0.0000" in text
+    assert "+50.0%" in text  # (0.3 - 0.2) / 0.2
+    assert "| SASRec | gain llmser vs none |" in text
+    assert "NDCG@10 tail <=3 (n=40)" in text and "overall (n=100)" in text  # group ranges and sizes
+    assert "valid NDCG@10" in text and "validation metrics only" in text
+    assert "`offline`" in text and "python -m recbole_llmser.experiments plan.yaml" in text
+    # ablation table relative to its first row; sweep table sorted by x
+    assert "## Ablations (SASRec)" in text and "no decay" in text
+    assert "## Sweep of `b`" in text and "-25.0%" not in text.split("## Sweep")[0].split("## Ablations")[1]
+    sweep = text.split("## Sweep of `b`")[1].split("## Cost")[0]
+    rows = [ln for ln in sweep.splitlines() if ln.startswith("| SASRec | llmser |")][:3]
+    assert [ln.split(" | ")[2] for ln in rows] == ["0.1", "0.3", "1"]
+    # cost table: stage timings from the augmentation summary fields
+    cost = text.split("## Cost")[1]
+    assert "| 10.0 | 2.0 | 3.0 | 30.0 | 60.0 |" in cost and "2.00" in cost
+    for png in ("main_ndcg10_uni100.png", "main_ndcg10_full.png", "sweep_b_ndcg10_full.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
+    assert ex.sweep_series([(r, "sweep:b", None, r["x"]) for r in recs if r["group"] == "sweep:b"], "full")[
+        ("SASRec", "llmser")][0][1]["overall"][0] == 0.2
+
+
+# -------------------------------------------------------------------------------- running (subprocesses) --
+SMALL = dict(ccg_epochs=1, ccg_max_len=10,
+             ccg_model_args={"hidden_size": 16, "inner_size": 32, "n_layers": 1, "n_heads": 1},
+             semantic_backend="tfidf", ccg_num_candidates=8, snf_num_picks=6, aug_num_pseudo=4,
+             arv_num_candidates=5)
+
+
+def _tiny_plan(tmp_path, data, runs, name="tiny"):
+    common = {k: v for k, v in tiny_config_dict(data, **SMALL).items() if k != "method"}
+    plan = {"name": name, "results_dir": str(tmp_path / "results" / "{dataset}"), "common": common, "runs": runs}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
+
+
+def test_plan_runs_each_spec_once_and_resumes(tiny_data, tmp_cwd, capsys):
+    data, sequences = tiny_data
+    plan = _tiny_plan(tmp_cwd, data, [{"dataset": "tiny", "model": "SASRec", "method": ["none", "llmser"],
+                                        "seeds": [42]}])
+    assert ex.main([str(plan)]) == 0
+    out = capsys.readouterr().out
+    assert "2 to run" in out and "2 run(s) finished, 0 failed" in out
+    results = tmp_cwd / "results" / "tiny"
+    runs, bad = ex.load_runs(results)
+    assert bad == 0 and len(runs) == 2 and (results / "runs.jsonl").read_text().count("\n") == 2
+    by_method = {r["method"]: r for r in runs}
+    for r in runs:
+        assert r["test"]["full"]["overall"]["n"] == len(sequences)
+        assert r["valid"]["uni20"]["groups"] and r["best_valid_score"] is not None
+        assert r["wall_s"] > 0 and r["peak_rss_mb"] > 50 and r["started"] <= r["finished"]
+        assert r["settings"]["epochs"] == 1 and r["env"]["device_name"] == "cpu"
+    aug = by_method["llmser"]["aug"]
+    assert aug["backend"] == "offline" and set(aug["timings_s"]) >= {"ccg", "snf", "arv", "total"}
+    assert by_method["none"]["aug"] is None
+    report = (results / "report.md").read_text()
+    assert "| SASRec | gain llmser vs none |" in report and (results / "main_ndcg10_full.png").is_file()
+    assert f"python -m recbole_llmser.experiments {plan}" in report
+
+    # re-run: nothing new runs; the dry run shows both as done
+    assert ex.main([str(plan)]) == 0
+    assert "0 to run" in capsys.readouterr().out
+    assert len(ex.load_runs(results)[0]) == 2
+    assert ex.main([str(plan), "--dry_run"]) == 0
+    assert capsys.readouterr().out.count(" done") >= 2
+    # --report_only regenerates from runs.jsonl
+    (results / "report.md").unlink()
+    assert ex.main([str(plan), "--report_only"]) == 0
+    assert "--report_only" in (results / "report.md").read_text()
+
+
+def test_a_failing_run_is_logged_and_the_plan_continues(tiny_data, tmp_cwd, capsys):
+    data, _ = tiny_data
+    plan = _tiny_plan(tmp_cwd, data, [
+        {"dataset": "tiny", "model": "SASRec", "method": "none", "seeds": [42], "overrides": {"dct_mode": "bogus"}},
+        {"dataset": "tiny", "model": "SASRec", "method": "none", "seeds": [42]},
+    ])
+    assert ex.main([str(plan)]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED" in out and "1 run(s) finished, 1 failed" in out
+    results = tmp_cwd / "results" / "tiny"
+    failures, _ = ex.read_jsonl(results / "failures.jsonl")
+    assert len(failures) == 1 and "dct_mode" in failures[0]["error"] and failures[0]["returncode"] == 2
+    assert "dct_mode" in failures[0]["stderr_tail"] and Path(failures[0]["log"]).is_file()
+    runs, _ = ex.load_runs(results)
+    assert len(runs) == 1 and runs[0]["overrides"].get("dct_mode") is None
+    assert "1 run(s) with failed attempts" in (results / "report.md").read_text()
+    assert not list((results / "_work" / "tmp").iterdir())  # job files cleaned up
+
+
+def test_report_tables_hold_only_the_runs_of_recorded_plans(tmp_path):
+    """A changed plan entry runs under a new id; the old record stays in runs.jsonl but leaves the tables."""
+    old = _record("SASRec", "none", 42, 0.9, overrides={"epochs": 1})
+    new = [_record("SASRec", "none", s, 0.2, overrides={"epochs": 2}) for s in (42, 43)]
+    for r in [old, *new]:
+        ex.append_jsonl(tmp_path / "runs.jsonl", r)
+    plan = {"name": "p", "runs": [{"dataset": "d", "model": "SASRec", "method": "none", "seeds": [42, 43],
+                                   "overrides": {"epochs": 2}}]}
+    specs = ex.expand_plan(plan)
+    assert {s["id"] for s in specs} == {r["id"] for r in new}
+    ex.record_plan(plan, specs, tmp_path, "python -m recbole_llmser.experiments p.yaml")
+    text = ex.write_report(tmp_path).read_text()
+    main = text.split("## Main results")[1].split("## Cost")[0]
+    assert "0.2000 ± 0.0000" in main and "0.9000" not in main
+    assert "1 run(s) in `runs.jsonl` are listed by no recorded plan" in text
+    assert "— (in no plan)" in text.split("## Runs")[1]
+    assert "Warning" not in text
+    # the same row averaging two configurations gets a warning
+    ex.record_plan({**plan, "runs": plan["runs"] + [{"dataset": "d", "model": "SASRec", "method": "none",
+                                                     "seeds": [42], "overrides": {"epochs": 1}}]},
+                   specs + ex.expand_plan({"name": "p", "runs": [{"dataset": "d", "model": "SASRec", "method": "none",
+                                                                  "seeds": [42], "overrides": {"epochs": 1}}]}),
+                   tmp_path, "cmd")
+    text = ex.write_report(tmp_path).read_text()
+    assert "**Warning**: row(s) SASRec none average runs with different overrides" in text
+
+
+def test_a_run_past_its_time_limit_is_killed_and_logged(tmp_cwd):
+    spec = ex.expand_plan({"name": "t", "runs": [{"dataset": "tiny", "model": "SASRec", "method": "none",
+                                                  "seeds": [1]}]})[0]
+    rec = ex.run_spec(spec, tmp_cwd / "res", timeout=0.3)  # the child's imports alone take longer
+    assert not rec["ok"] and rec["kind"] == "timeout" and "timed out after 0.3 s" in rec["error"]
+    failures, _ = ex.read_jsonl(tmp_cwd / "res" / "failures.jsonl")
+    assert [f["id"] for f in failures] == [spec["id"]] and not (tmp_cwd / "res" / "runs.jsonl").exists()
+    assert ex._exit_description(-9).startswith("killed by SIGKILL")
+
+
+def test_two_runners_never_share_a_results_folder(tmp_path):
+    with ex._DirLock(tmp_path):
+        with pytest.raises(LLMSeRError, match="another experiments runner"):
+            with ex._DirLock(tmp_path):
+                pass
+    with ex._DirLock(tmp_path):  # released
+        pass
