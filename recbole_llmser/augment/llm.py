@@ -556,6 +556,9 @@ class LLMClient:
         if not s.configured:
             raise LLMSeRError("no LLM endpoint configured: set OPENAI_BASE_URL (or llm_base_url) for a local "
                               "server, or OPENAI_API_KEY for OpenAI's API")
+        # httpx logs every request at INFO, and RecBole's logger writes INFO to the run's log: one line per
+        # call (tens of thousands per dataset) would bury the run's own log lines.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         return openai.AsyncOpenAI(base_url=s.base_url, api_key=s.api_key or PLACEHOLDER_API_KEY,
                                   timeout=s.timeout, max_retries=s.max_retries)
 
