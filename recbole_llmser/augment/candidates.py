@@ -160,14 +160,20 @@ def train_helper(config, dataset, users, sequences, direction: str, out_dir: Pat
 
 
 @torch.no_grad()
-def score_top_k(model, histories, exclude, k: int, batch_size: int, desc: str, show_progress=True) -> np.ndarray:
-    """Top-``k`` items after each history (left-truncated to the model's max length), minus ``exclude``."""
-    out = np.zeros((len(histories), k), dtype=np.int64)
+def batch_scores(model, histories, batch_size: int, desc: str = "", show_progress: bool = False):
+    """Yield ``(start, scores)`` per batch: the model's scores of every item after each history
+    (left-truncated to the model's max length), ``scores`` of shape (batch, n_items)."""
     device = next(model.parameters()).device
     starts = range(0, len(histories), batch_size)
     for start in tqdm(starts, desc=desc, ncols=100, disable=not show_progress or len(starts) < 2):
         batch = histories[start:start + batch_size]
         inter = to_interaction(batch, model.max_seq_length, model.ITEM_SEQ, model.ITEM_SEQ_LEN).to(device)
-        scores = model.full_sort_predict(inter).view(len(batch), -1)
-        out[start:start + len(batch)] = top_k_excluding(scores, exclude[start:start + batch_size], k)
+        yield start, model.full_sort_predict(inter).view(len(batch), -1)
+
+
+def score_top_k(model, histories, exclude, k: int, batch_size: int, desc: str, show_progress=True) -> np.ndarray:
+    """Top-``k`` items after each history (left-truncated to the model's max length), minus ``exclude``."""
+    out = np.zeros((len(histories), k), dtype=np.int64)
+    for start, scores in batch_scores(model, histories, batch_size, desc, show_progress):
+        out[start:start + len(scores)] = top_k_excluding(scores, exclude[start:start + batch_size], k)
     return out

@@ -30,11 +30,11 @@ from logging import getLogger
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from recbole_llmser.augment import candidates as ccg
 from recbole_llmser.augment.filter import keep_pseudo_items, select_users
 from recbole_llmser.augment.reliability import decayed_weight, fill_unverifiable, reliability
+from recbole_llmser.augment.semantic import cosine01
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.utils import atomic_write_json, atomic_write_text
 
@@ -213,7 +213,7 @@ def run_augmentation(config, dataset, dry_run: bool = False):
         masked = int(prefixes[idx[row]][-1])
         pred = int(arv_cands[j][picked[j]])
         predicted[row] = pred
-        weights[row] = reliability(pred, masked, float(np.dot(_unit(emb[pred]), _unit(emb[masked]))))
+        weights[row] = reliability(pred, masked, cosine01(emb[pred], emb[masked]))
     weights.update({row: 0.0 for row in pseudo if row not in weights})
     weights, fill = fill_unverifiable(weights, set(rows))
     timings["arv"] = time.monotonic() - t
@@ -267,11 +267,6 @@ def _record(user, pseudo, cands, snf_order, masked, predicted, w, w_tilde, backe
     }
 
 
-def _unit(v):
-    n = np.linalg.norm(v)
-    return v / n if n > 0 else v
-
-
 def _item_vectors(config, texts, root):
     """(item text vectors, a title matcher for answers that quote titles) from the semantic backend."""
     from recbole_llmser.augment.semantic import build_backend, item_embeddings, nearest
@@ -294,16 +289,12 @@ def _model_vectors(model):
     return table.weight.detach().cpu().numpy()
 
 
-@torch.no_grad()
 def _model_rank(histories, cands, model, batch):
     """Per user, candidate indices ordered by the forward model's score after the history."""
     out = []
-    device = next(model.parameters()).device
-    for start in range(0, len(histories), batch):
-        inter = ccg.to_interaction(histories[start:start + batch], model.max_seq_length, model.ITEM_SEQ,
-                                   model.ITEM_SEQ_LEN).to(device)
-        scores = model.full_sort_predict(inter).view(len(inter), -1).cpu().numpy()
-        for r, c in enumerate(cands[start:start + batch]):
+    for start, scores in ccg.batch_scores(model, histories, batch):
+        scores = scores.cpu().numpy()
+        for r, c in enumerate(cands[start:start + len(scores)]):
             out.append([int(j) for j in np.argsort(-scores[r][c], kind="stable")])
     return out
 
