@@ -301,6 +301,8 @@ AUG_VALIDATORS = {
     "aug_decay_beta": _unit_interval,
     "aug_decay_threshold": lambda k, v: _check(_is_int(v) and v >= 0, k, v, "an integer >= 0"),
     "aug_max_len": _optional_positive_int,
+    "snf_mode": _choice("filter", "ccg_top", "random"),
+    "arv_weight": lambda k, v: v is None or _unit_interval(k, v),
     "llm_backend": _choice("auto", "openai", "offline"),
     "semantic_backend": _choice("auto", "minilm", "sentence-transformers", "openai", "tfidf"),
     "semantic_match_threshold": _unit_interval,

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from recbole_llmser.augment import candidates as ccg
@@ -169,3 +170,49 @@ def test_stage_train_needs_an_artifact(tiny_data, tmp_cwd, capsys):
     argv = ["--model=SASRec", "--dataset=tiny", "--method=llmser", "--stage=train", f"--data_path={data}"]
     assert main(argv) == 2
     assert "--aug_file" in capsys.readouterr().err
+
+
+def test_ablation_ccg_top_and_constant_weight_call_no_llm(tiny_data, tmp_cwd):
+    data, sequences = tiny_data
+    with FakeLLMServer() as server:
+        llm = dict(llm_base_url=server.base_url, llm_api_key=SECRET, llm_model="fake-llm")
+        _, records, summary = _augment(data, snf_mode="ccg_top", arv_weight=0.5, **llm)
+        assert server.calls() == 0
+    assert summary["snf_mode"] == "ccg_top" and summary["arv_weight"] == 0.5
+    for r in records:
+        assert r["ccg_rank"] == [4, 3, 2, 1]  # CCG's top M, the best next to the first real item
+        assert r["arv_status"] == "constant" and r["w"] == 0.5 and r["predicted_item"] is None
+    # no ARV: w = 1 for everyone; the decay still applies to w_tilde
+    _, records, _ = _augment(data, snf_mode="ccg_top", arv_weight=1.0, aug_decay_beta=0.5, aug_decay_threshold=0)
+    assert {r["w"] for r in records} == {1.0} and {r["w_tilde"] for r in records} == {0.5}
+
+
+def test_ablation_random_pseudo_items(tiny_data, tmp_cwd):
+    data, sequences = tiny_data
+    _, records, summary = _augment(data, snf_mode="random")
+    assert summary["snf_mode"] == "random" and len(records) == len(sequences)
+    for r in records:
+        prefix = sequences[r["user_id"]][:-2]
+        assert len(set(r["pseudo_items"])) == 4 and not set(r["pseudo_items"]) & set(prefix)
+        assert r["snf_order"] is None
+    _, again, _ = _augment(data, snf_mode="random")
+    assert [r["pseudo_items"] for r in again] == [r["pseudo_items"] for r in records]  # seeded
+
+
+def test_random_pseudo_items_are_uniform_and_outside_the_prefix():
+    from recbole_llmser.augment.filter import random_pseudo_items
+
+    drawn = random_pseudo_items(11, [[1, 2, 3]] * 2000, 3, seed=0)
+    assert all(len(set(d)) == 3 and not set(d) & {1, 2, 3} for d in drawn)
+    counts = np.bincount(np.concatenate(drawn), minlength=11)[4:]
+    assert counts.min() > 0.8 * counts.mean()  # 7 allowed items, about equally often
+    assert random_pseudo_items(5, [[1, 2, 3]], 3, seed=0) == [[4]]  # a tiny catalogue gives what it has
+    assert random_pseudo_items(11, [[1]], 3, seed=1) == random_pseudo_items(11, [[1]], 3, seed=1)
+
+
+def test_ablation_properties_are_validated(tiny_data, tmp_cwd):
+    data, _ = tiny_data
+    with pytest.raises(LLMSeRError, match="'snf_mode'.*filter, ccg_top, random"):
+        _augment(data, snf_mode="none")
+    with pytest.raises(LLMSeRError, match="'arv_weight'.*in \\[0, 1\\]"):
+        _augment(data, arv_weight=2)

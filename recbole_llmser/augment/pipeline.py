@@ -17,6 +17,11 @@ Backends, named in the log, the summary and every record:
   scores highest after the user's history, ARV takes the forward model's top candidate and measures
   w_u with the cosine of the forward model's item embeddings.
 
+Ablations (properties): ``snf_mode: ccg_top`` keeps CCG's top M candidates without any filtering (an ASReP-like
+reverse-model augmentation); ``snf_mode: random`` prepends M items drawn uniformly from the catalogue instead;
+``arv_weight: <w>`` skips ARV and gives every user the same w (1.0 = no ARV). Neither calls the LLM for the
+stage it replaces.
+
 Leakage: everything here is computed from training prefixes (sequence minus its last two items); prompts show
 only training items' titles in their history part.
 """
@@ -32,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from recbole_llmser.augment import candidates as ccg
+from recbole_llmser.augment import filter as filt
 from recbole_llmser.augment.filter import keep_pseudo_items, select_users
 from recbole_llmser.augment.reliability import decayed_weight, fill_unverifiable, reliability
 from recbole_llmser.augment.semantic import cosine01
@@ -46,7 +52,7 @@ AUG_KEYS = (
     "dataset", "item_text_field", "seed", "MAX_ITEM_LIST_LENGTH",
     "ccg_model", "ccg_epochs", "ccg_batch_size", "ccg_max_len", "ccg_model_args", "ccg_num_candidates",
     "snf_num_picks", "aug_num_pseudo", "snf_history_max", "snf_fallback", "title_max_chars",
-    "arv_num_candidates", "aug_decay_beta", "aug_decay_threshold", "aug_max_len",
+    "arv_num_candidates", "aug_decay_beta", "aug_decay_threshold", "aug_max_len", "snf_mode", "arv_weight",
     "llm_model", "llm_temperature", "llm_max_tokens", "llm_seed", "llm_structured_output",
     "semantic_backend", "semantic_model", "semantic_model_path", "offline_ranker_decay", "semantic_match_threshold",
 )
@@ -151,11 +157,17 @@ def run_augmentation(config, dataset, dry_run: bool = False):
     else:
         emb = _model_vectors(forward)
     tokens = {}  # user index -> [prompt tokens, completion tokens, prompt keys]
-    client = _llm_client(config, root) if backend == "llm" else None
+    snf_mode, const_w = config["snf_mode"], config["arv_weight"]
+    if snf_mode != "filter" or const_w is not None:
+        logger.info(f"augmentation ablation: snf_mode={snf_mode}, arv_weight={const_w}")
+    client = _llm_client(config, root) if backend == "llm" and (snf_mode == "filter" or const_w is None) else None
     titles = _Titles(texts, tok, int(config["title_max_chars"])) if texts is not None else None
     hist_max = int(config["snf_history_max"])
+    if backend == "offline":
+        from recbole_llmser.augment.semantic import OfflineRanker
 
-    if backend == "llm":
+        ranker = OfflineRanker.from_config(config)
+    if client is not None and snf_mode == "filter":
         from recbole_llmser.augment.llm import LLMRequest
         from recbole_llmser.augment.prompts import SNF_TEMPLATE_VERSION, expected_answer_tokens, snf_messages, snf_schema
 
@@ -165,40 +177,42 @@ def run_augmentation(config, dataset, dry_run: bool = False):
                        schema=snf_schema(k, K), expected_completion_tokens=expected_answer_tokens(k))
             for row, i in enumerate(idx)
         ]
-        if dry_run:
-            # ARV's candidates come from P_u, which only SNF's answers give: estimate them with CCG's top items
-            arv = [_arv_request(utok(users[i]), titles(prefixes[i][:-1][-hist_max:]), titles(cands[row][:n_arv]), n_arv)
-                   for row, i in enumerate(idx) if len(prefixes[i]) >= 2]
-            estimate = client.estimate(requests) + client.estimate(arv)
-            print(f"dry run ({config['llm_model']}, SNF + ARV, ARV candidates approximated by CCG order):\n"
-                  + estimate.format())
+    if dry_run:
+        if client is None:
+            print(f"dry run: backend {backend}, snf_mode {snf_mode}, arv_weight {const_w}: no LLM calls")
             return None
+        # ARV's candidates come from P_u, which only SNF's answers give: estimate them with CCG's top items
+        arv = [_arv_request(utok(users[i]), titles(prefixes[i][:-1][-hist_max:]), titles(cands[row][:n_arv]), n_arv)
+               for row, i in enumerate(idx) if len(prefixes[i]) >= 2] if const_w is None else []
+        estimate = client.estimate(requests if snf_mode == "filter" else []) + client.estimate(arv)
+        print(f"dry run ({config['llm_model']}, SNF + ARV, ARV candidates approximated by CCG order):\n"
+              + estimate.format())
+        return None
+    if snf_mode != "filter":  # ablations: CCG's own order, or random items in place of the candidates
+        snf_picks = [list(range(K)) for _ in idx]
+    elif client is not None:
         snf_picks = _llm_picks(client, requests, [titles(c) for c in cands], k, M, config, matcher,
                                stats["snf_status"], "SNF", tokens, idx)
-    elif dry_run:
-        print(f"dry run: backend {backend} makes no LLM calls")
-        return None
     elif backend == "offline":
-        from recbole_llmser.augment.semantic import OfflineRanker
-
-        ranker = OfflineRanker.from_config(config)
         snf_picks = [ranker.rank(emb[prefixes[i][-hist_max:]], emb[cands[row]], k) for row, i in enumerate(idx)]
     else:  # model: forward-model scores of the K candidates after the user's history
         snf_picks = _model_rank([prefixes[i] for i in idx], cands, forward, batch)
-    pseudo = {}
-    for row, i in enumerate(idx):
-        if snf_picks[row] is not None:
-            pseudo[row] = keep_pseudo_items(snf_picks[row], list(cands[row]), M)
+    if snf_mode == "random":
+        drawn = filt.random_pseudo_items(dataset.item_num, [prefixes[i] for i in idx], M, int(config["seed"]))
+        pseudo = dict(enumerate(drawn))
+    else:
+        pseudo = {row: keep_pseudo_items(picks, list(cands[row]), M)
+                  for row, picks in enumerate(snf_picks) if picks is not None}
     timings["snf"] = time.monotonic() - t
 
     # ----- ARV ----------------------------------------------------------------------------------------------
     t = time.monotonic()
-    rows = [row for row in pseudo if len(prefixes[idx[row]]) >= 2]
+    rows = [row for row in pseudo if len(prefixes[idx[row]]) >= 2] if const_w is None else []
     histories = [np.concatenate([pseudo[row], prefixes[idx[row]][:-1]]) for row in rows]
     exclude = [np.unique(h) for h in histories]
     arv_cands = ccg.score_top_k(forward, histories, exclude, n_arv, batch, "ARV",
                                 bool(config["show_progress"])) if rows else np.zeros((0, n_arv), int)
-    if backend == "llm":
+    if client is not None and rows:
         requests = [_arv_request(utok(users[idx[row]]), titles(prefixes[idx[row]][:-1][-hist_max:]),
                                  titles(arv_cands[j]), n_arv) for j, row in enumerate(rows)]
         picks = _llm_picks(client, requests, [titles(c) for c in arv_cands], 1, 1, config, matcher,
@@ -215,7 +229,7 @@ def run_augmentation(config, dataset, dry_run: bool = False):
         predicted[row] = pred
         weights[row] = reliability(pred, masked, cosine01(emb[pred], emb[masked]))
     weights.update({row: 0.0 for row in pseudo if row not in weights})
-    weights, fill = fill_unverifiable(weights, set(rows))
+    weights, fill = fill_unverifiable(weights, set(rows), default=1.0 if const_w is None else float(const_w))
     timings["arv"] = time.monotonic() - t
 
     # ----- artifact -------------------------------------------------------------------------------------------
@@ -228,12 +242,13 @@ def run_augmentation(config, dataset, dry_run: bool = False):
         w = weights[row]
         lines.append(json.dumps(_record(
             user=utok(users[i]), pseudo=[tok(x) for x in items], cands=[tok(x) for x in cands[row]],
-            snf_order=[tok(cands[row][x]) for x in snf_picks[row][:M]],
+            snf_order=None if snf_mode == "random" else [tok(cands[row][x]) for x in snf_picks[row][:M]],
             masked=tok(prefix[-1]) if row in predicted else None,
             predicted=tok(predicted[row]) if row in predicted else None,
             w=w, w_tilde=decayed_weight(w, len(items), len(prefix), threshold, M, beta),
             backend=backend, llm_model=model_name, text=config["item_text_field"] or "none",
-            arv_status="verified" if row in predicted else "mean", tokens=tokens.get(i),
+            arv_status="verified" if row in predicted else ("mean" if const_w is None else "constant"),
+            tokens=tokens.get(i),
         ), ensure_ascii=False))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(artifact, "\n".join(lines) + ("\n" if lines else ""))
@@ -242,6 +257,7 @@ def run_augmentation(config, dataset, dry_run: bool = False):
         "dataset": config["dataset"], "backend": backend, "text": config["item_text_field"] or "none",
         "llm_model": model_name, "users": len(users), "selected_users": len(idx), "augmented_users": len(pseudo),
         "skipped_users": len(idx) - len(pseudo), "verified_users": len(rows), "mean_w": fill,
+        "snf_mode": snf_mode, "arv_weight": const_w,
         "llm": client.stats.as_dict() if client else None, **stats,
         "timings_s": {k: round(v, 2) for k, v in timings.items()}, "artifact": str(artifact),
         "settings": {k: config[k] for k in AUG_KEYS},
@@ -257,7 +273,8 @@ def _record(user, pseudo, cands, snf_order, masked, predicted, w, w_tilde, backe
     from recbole_llmser.augment.prompts import ARV_TEMPLATE_VERSION, SNF_TEMPLATE_VERSION
 
     return {
-        "user_id": user, "pseudo_items": pseudo, "ccg_rank": [cands.index(p) + 1 for p in pseudo],
+        "user_id": user, "pseudo_items": pseudo,
+        "ccg_rank": [cands.index(p) + 1 if p in cands else None for p in pseudo],
         "snf_order": snf_order, "masked_item": masked, "predicted_item": predicted,
         "w": round(float(w), 6), "w_tilde": round(float(w_tilde), 6), "arv_status": arv_status,
         "backend": backend, "llm_model": llm_model, "text": text,
