@@ -216,3 +216,28 @@ def test_ablation_properties_are_validated(tiny_data, tmp_cwd):
         _augment(data, snf_mode="none")
     with pytest.raises(LLMSeRError, match="'arv_weight'.*in \\[0, 1\\]"):
         _augment(data, arv_weight=2)
+
+
+def test_helper_windows_hold_exactly_recboles_prefix_rows(tiny_data, tmp_cwd):
+    """The all-positions layout of a helper model trains the same (history, target) rows as RecBole's rows."""
+    from recbole_llmser.config import Config
+    from recbole_llmser.data import create_dataset
+    from recbole_llmser.dct import TARGET_LIST_FIELD, WEIGHT_LIST_FIELD
+
+    data, _ = tiny_data
+    config = Config("SASRec", "tiny", config_dict=tiny_config_dict(data, **SMALL, ccg_max_len=3), cmd_args=[])
+    dataset = create_dataset(config.copy_with(method="none"))
+    users, seqs = ccg.user_sequences(dataset.inter_feat, dataset.uid_field, dataset.iid_field, dataset.time_field)
+    helper = ccg.helper_config(config, "forward")
+    assert helper["train_all_positions"] is True
+    ds = ccg._helper_dataset(dataset, helper, seqs, list(users))
+    inter = ds.inter_feat
+    rows = sorted((tuple(h[:n].tolist()), int(t)) for h, n, t in zip(
+        inter["item_id_list"], inter["item_length"], inter["item_id"]))
+    ds.use_all_prefix_windows()
+    win = ds.inter_feat
+    expanded = sorted((tuple(h[:p + 1].tolist()), int(t))
+                      for h, ts, ws in zip(win["item_id_list"], win[TARGET_LIST_FIELD], win[WEIGHT_LIST_FIELD])
+                      for p, (t, w) in enumerate(zip(ts, ws)) if w > 0)
+    assert rows == expanded and ds.dct_n_rows == len(rows) and len(win) < len(rows)
+    assert max(len(h) for h, _ in rows) == 3  # truncated histories are kept as their own windows

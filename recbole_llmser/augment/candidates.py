@@ -9,9 +9,10 @@
 * The *forward* model (same class and settings) is trained on the forward training prefixes; ARV asks it for the
   item after ``P_u ⊕ history-before-m_u``.
 
-Helper models are trained with our ``SequentialTrainer`` on RecBole's own dataloader over every prefix row of
-the helper sequences (no hold-out: the rows predicting the earliest items are exactly what CCG needs), for a
-fixed ``ccg_epochs``. Each is saved under an explicit name that encodes a hash of everything it depends on, and
+Helper models are trained on every prefix row of the helper sequences (no hold-out: the rows predicting the
+earliest items are exactly what CCG needs) for a fixed ``ccg_epochs``: SASRec/GRU4Rec through the all-positions
+path of ``DualChannelTrainer`` (same objective, one forward per sequence; ``dct_all_positions: off`` turns it off),
+other models with our ``SequentialTrainer`` on RecBole's own rows. Each is saved under an explicit name that encodes a hash of everything it depends on, and
 reused when that hash is unchanged.
 """
 
@@ -89,6 +90,7 @@ def helper_config(config, direction: str):
         MAX_ITEM_LIST_LENGTH=int(config["ccg_max_len"] or config["MAX_ITEM_LIST_LENGTH"]),
         method="none",
         eval_step=int(config["ccg_epochs"]) + 1,  # no validation: fixed epochs
+        train_all_positions=config["dct_all_positions"] == "auto",  # SASRec/GRU4Rec: one forward per sequence
     )
     settings.update(config["ccg_model_args"] or {})
     helper = Config(config["ccg_model"], config["dataset"], config_dict=settings, cmd_args=[])
@@ -129,7 +131,8 @@ def train_helper(config, dataset, users, sequences, direction: str, out_dir: Pat
     from recbole.sampler import Sampler
     from recbole.utils import init_seed
 
-    from recbole_llmser.trainer import SequentialTrainer
+    from recbole_llmser.dct import uses_all_positions
+    from recbole_llmser.trainer import DualChannelTrainer, SequentialTrainer
 
     logger = getLogger()
     helper = helper_config(config, direction)
@@ -148,10 +151,15 @@ def train_helper(config, dataset, users, sequences, direction: str, out_dir: Pat
         sampler = None
         if helper["train_neg_sample_args"]["distribution"] != "none":
             sampler = Sampler(["train"], [ds], helper["train_neg_sample_args"]["distribution"]).set_phase("train")
+        windows = uses_all_positions(helper)
+        n_rows = len(ds)
+        if windows:
+            ds.use_all_prefix_windows()
         train_data = get_dataloader(helper, "train")(helper, ds, sampler, shuffle=True)
-        logger.info(f"CCG: training the {direction} helper {helper['model']} on {len(ds)} prefix rows "
-                    f"of {len(sequences)} training prefixes for {helper['epochs']} epochs")
-        trainer = SequentialTrainer(helper, model)
+        logger.info(f"CCG: training the {direction} helper {helper['model']} on {n_rows} prefix rows "
+                    f"of {len(sequences)} training prefixes for {helper['epochs']} epochs"
+                    + (" (all-positions path)" if windows else ""))
+        trainer = (DualChannelTrainer if windows else SequentialTrainer)(helper, model)
         trainer.saved_model_file = str(path)
         trainer.fit(train_data, None, saved=True, show_progress=helper["show_progress"])
         logger.info(f"CCG: saved the {direction} helper model to {path}")

@@ -15,6 +15,7 @@ import torch
 from recbole.data.dataset import SequentialDataset as _RecBoleSequentialDataset
 from recbole.data.interaction import Interaction
 
+from recbole_llmser.config import uses_llmser
 from recbole_llmser.dct import (
     AUGMENTED,
     CHANNEL_FIELD,
@@ -51,6 +52,48 @@ class SequentialDataset(_RecBoleSequentialDataset):
         iid = self.inter_feat[self.iid_field].to_numpy()
         self.user_train_len = np.maximum(np.bincount(uid, minlength=self.user_num) - 2, 0)
         self.user_items = per_user_items(uid, iid, self.user_num)
+
+    def data_augmentation(self):
+        self._check_field("uid_field", "time_field")
+        self.sort(by=[self.uid_field, self.time_field], ascending=True)
+        self._raw_inter = self.inter_feat  # the interactions in (user, time) order, before prefix expansion
+        super().data_augmentation()
+
+    def use_all_prefix_windows(self):
+        """Replace the expanded prefix rows by the all-positions windows of the same rows (weight 1): the training
+        data of a helper model trained through ``DualChannelTrainer`` (same objective as RecBole's rows, one
+        forward per sequence). Call after ``_change_feat_format()``; every interaction is a training item here."""
+        table = _SequenceTable(self._raw_inter, self.uid_field, self.iid_field, {}, self.user_num)
+        n = np.where(table.count >= 2, table.count, 0)
+        rows = dual_channel_rows(n, np.zeros_like(n), np.full(self.user_num, np.nan), self.max_item_list_len)
+        self.inter_feat = self._window_rows(table, rows)
+        self.dct_layout, self.dct_n_rows = "windows", len(rows.user)
+        self.dct_user_weight = np.full(self.user_num, np.nan)
+
+    def _list_field(self, field):
+        return getattr(self, f"{field}_list_field")
+
+    def _rows_interaction(self, table, user, seq, start, length, target_index):
+        hist = table.gather(user, seq, start, length, self.max_item_list_len)
+        data = {self.uid_field: torch.from_numpy(user), self.item_list_length_field: torch.from_numpy(length)}
+        for field, values in table.fields.items():
+            data[field] = values[torch.from_numpy(target_index)]
+            data[self._list_field(field)] = values[hist]
+        return data
+
+    def _window_rows(self, table, rows):
+        win = windows_from_rows(rows, self.max_item_list_len)
+        data = self._rows_interaction(table, win.user, win.seq, win.start, win.length,
+                                      table.index(win.user, win.seq, win.start + win.length))
+        shape = (len(win.user), self.max_item_list_len)
+        targets = np.zeros(shape, np.int64)
+        weights = np.zeros(shape, np.float32)
+        targets[win.row_window, win.row_slot] = table.items[table.index(rows.user, rows.seq, rows.end)]
+        weights[win.row_window, win.row_slot] = rows.weight
+        data[TARGET_LIST_FIELD] = torch.from_numpy(targets)
+        data[WEIGHT_LIST_FIELD] = torch.from_numpy(weights)
+        data[CHANNEL_FIELD] = torch.from_numpy(win.seq.astype(np.int64))
+        return Interaction(data)
 
 
 # ----- the augmentation artifact ----------------------------------------------------------------------------
@@ -237,7 +280,7 @@ class AugmentedSequentialDataset(SequentialDataset):
 
     def __init__(self, config):
         super().__init__(config)
-        path = config["aug_file"] if config["method"] == "llmser" else None
+        path = config["aug_file"] if uses_llmser(config) else None
         if path:
             self.augmentation = read_augmentation(
                 path, self.field2token_id[self.uid_field], self.field2token_id[self.iid_field],
@@ -260,12 +303,6 @@ class AugmentedSequentialDataset(SequentialDataset):
         )
         if aug.skipped:
             self.logger.warning(f"DCT artifact {path}: skipped {sum(aug.skipped.values())} bad records ({skipped})")
-
-    def data_augmentation(self):
-        self._check_field("uid_field", "time_field")
-        self.sort(by=[self.uid_field, self.time_field], ascending=True)
-        self._raw_inter = self.inter_feat  # the interactions in (user, time) order, before prefix expansion
-        super().data_augmentation()
 
     def build(self):
         datasets = super().build()
@@ -304,36 +341,11 @@ class AugmentedSequentialDataset(SequentialDataset):
         self._log_rows(rows, train, valid, test)
         return [train, valid, test]
 
-    def _list_field(self, field):
-        return getattr(self, f"{field}_list_field")
-
-    def _rows_interaction(self, table, user, seq, start, length, target_index):
-        hist = table.gather(user, seq, start, length, self.max_item_list_len)
-        data = {self.uid_field: torch.from_numpy(user), self.item_list_length_field: torch.from_numpy(length)}
-        for field, values in table.fields.items():
-            data[field] = values[torch.from_numpy(target_index)]
-            data[self._list_field(field)] = values[hist]
-        return data
-
     def _training_rows(self, table, rows):
         data = self._rows_interaction(table, rows.user, rows.seq, rows.start, rows.end - rows.start,
                                       table.index(rows.user, rows.seq, rows.end))
         data[WEIGHT_FIELD] = torch.from_numpy(rows.weight.astype(np.float32))
         data[CHANNEL_FIELD] = torch.from_numpy(rows.flag.astype(np.int64))
-        return Interaction(data)
-
-    def _window_rows(self, table, rows):
-        win = windows_from_rows(rows, self.max_item_list_len)
-        data = self._rows_interaction(table, win.user, win.seq, win.start, win.length,
-                                      table.index(win.user, win.seq, win.start + win.length))
-        shape = (len(win.user), self.max_item_list_len)
-        targets = np.zeros(shape, np.int64)
-        weights = np.zeros(shape, np.float32)
-        targets[win.row_window, win.row_slot] = table.items[table.index(rows.user, rows.seq, rows.end)]
-        weights[win.row_window, win.row_slot] = rows.weight
-        data[TARGET_LIST_FIELD] = torch.from_numpy(targets)
-        data[WEIGHT_LIST_FIELD] = torch.from_numpy(weights)
-        data[CHANNEL_FIELD] = torch.from_numpy(win.seq.astype(np.int64))
         return Interaction(data)
 
     def _prepend_pseudo(self, part, table, pos):
