@@ -567,7 +567,7 @@ def cost_table(entries):
     by_key = group_rows(recs, lambda e: (e[0]["model"], e[0]["method"],
                                          json.dumps(e[0].get("overrides") or {}, sort_keys=True, default=str)))
     header = ["variant", "backbone", "method", "runs", "backend", "CCG s", "SNF s", "ARV s", "train+eval s",
-              "wall s", "LLM calls", "prompt tokens", "completion tokens", "peak RSS GiB", "peak GPU GiB",
+              "wall s", "CPU s", "LLM calls", "prompt tokens", "completion tokens", "peak RSS GiB", "peak GPU GiB",
               "artifact reused"]
     rows = []
     for (model, method, _), group in by_key.items():
@@ -581,7 +581,7 @@ def cost_table(entries):
         rows.append([
             label, model, method, len(rs), ", ".join(backends) or "—",
             _num(t("ccg")), _num(t("snf")), _num(t("arv")), _num([r.get("train_eval_s") for r in rs]),
-            _num([r.get("wall_s") for r in rs]),
+            _num([r.get("wall_s") for r in rs]), _num([r.get("cpu_s") for r in rs]),
             _num([x.get("calls") for x in llm], 0) if any(llm) else "—",
             _num([x.get("prompt_tokens") for x in llm], 0) if any(llm) else "—",
             _num([x.get("completion_tokens") for x in llm], 0) if any(llm) else "—",
@@ -761,7 +761,8 @@ def write_report(results_dir, command=None) -> Path:
                 "artifact was reused from an earlier run with the same augmentation settings, the times are those of "
                 "the run that made it, and that run's wall time includes them; `artifact reused` counts such runs). "
                 "`train+eval s`: the run minus the augmentation it computed (data loading, training, evaluation). "
-                "`wall s`: the whole process. Peak RSS: `ru_maxrss` of the run's process (with its children); peak "
+                "`wall s`: the whole process. `CPU s`: its user + system CPU time (with its children; unlike wall "
+                "time it does not grow while the machine runs other jobs). Peak RSS: `ru_maxrss` of the run's process (with its children); peak "
                 "GPU: `torch.cuda.max_memory_allocated`.", "", cost_table(entries), ""]
         devices = Counter((r.get("env") or {}).get("device_name") or "?" for r in in_tables)
         out += ["Devices: " + ", ".join(f"{d} ({n} runs)" for d, n in devices.items()) + ".", ""]
@@ -909,6 +910,7 @@ def run_spec(spec: dict, results_dir, timeout=None) -> dict:
         "group": spec["group"], "label": spec["label"], "x": spec["x"],
         "started": started, "finished": _now(), "wall_s": round(wall, 2),
         "peak_rss_mb": round(_rss_mb(rusage.ru_maxrss), 1) if rusage else None,
+        "cpu_s": round(rusage.ru_utime + rusage.ru_stime, 1) if rusage else None,
         "log": str(log_path),
     }
     child = None

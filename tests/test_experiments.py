@@ -225,7 +225,7 @@ def test_plan_runs_each_spec_once_and_resumes(tiny_data, tmp_cwd, capsys):
     for r in runs:
         assert r["test"]["full"]["overall"]["n"] == len(sequences)
         assert r["valid"]["uni20"]["groups"] and r["best_valid_score"] is not None
-        assert r["wall_s"] > 0 and r["peak_rss_mb"] > 50 and r["started"] <= r["finished"]
+        assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_rss_mb"] > 50 and r["started"] <= r["finished"]
         assert r["settings"]["epochs"] == 1 and r["env"]["device_name"] == "cpu"
     aug = by_method["llmser"]["aug"]
     assert aug["backend"] == "offline" and set(aug["timings_s"]) >= {"ccg", "snf", "arv", "total"}
