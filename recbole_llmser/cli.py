@@ -23,11 +23,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset", "-d", default="amazon-beauty", help="dataset name (default amazon-beauty)")
     parser.add_argument("--config_files", default=None, help="space-separated yaml files, applied in order")
     parser.add_argument("--method", default=None, choices=METHODS,
-                        help="llmser = LLM-based augmentation + dual-channel training; none = the plain backbone")
+                        help="llmser = LLM-based augmentation + dual-channel training; tslrec = LLM-enhanced item "
+                             "embeddings; llmser+tslrec = both; none = the plain backbone")
     parser.add_argument("--stage", default=None, choices=STAGES,
-                        help="llmser: all (default), augment (artifact only) or train (needs --aug_file)")
+                        help="all (default), augment (artifacts only: LLMSeR's augmentation, TSLRec's table), "
+                             "reconstruct (TSLRec's stage 1 only) or train (needs --aug_file / --tsl_embedding_file)")
     parser.add_argument("--dry_run", action="store_true",
-                        help="llmser: print the LLM calls, tokens and cost the augmentation would need, then stop")
+                        help="llmser: print the LLM calls, tokens and cost the augmentation would need, then stop; "
+                             "tslrec: print the stages' plan (users, steps, items)")
     return parser
 
 

@@ -8,6 +8,7 @@ package's own classes inherit (``ConfigCompatMixin``, ``load_checkpoint``).
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 
@@ -69,6 +70,9 @@ def _silence_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*torch.cuda.amp.GradScaler.*", category=FutureWarning)
     # torch.utils.tensorboard (imported by recbole/utils/utils.py:25) warns about pkg_resources on import.
     warnings.filterwarnings("ignore", message=".*pkg_resources is deprecated.*")
+    # peft <= 0.21's get_peft_model (TSLRec's tsl_lora) reads transformers' is_gradient_checkpointing, deprecated
+    # in transformers 5 (transformers/modeling_utils.py warns on every LoRA model).
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated.*", category=FutureWarning)
 
 
 def _undo_global_anomaly_detection() -> None:
@@ -130,3 +134,26 @@ def load_checkpoint(path, map_location):
     import torch
 
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+@contextmanager
+def quiet_transformers_loading():
+    """Silence transformers while TSLRec loads a model (recbole_llmser/tslrec/lm.py), then restore its settings.
+
+    transformers >= 5 prints a load-report table for every checkpoint key it does not use, which is every
+    ``lm_head`` weight when ``AutoModel`` loads the base model of a ``*ForCausalLM`` checkpoint (expected: TSLRec
+    needs hidden states, not next-token logits). (GGUF de-quantization draws its own tqdm bar, which transformers'
+    switch does not reach: transformers/modeling_gguf_pytorch_utils.py:789.)
+    """
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()

@@ -28,12 +28,24 @@ from recbole_llmser.utils import PACKAGE_DIR, REPO_DIR, get_model
 #: Command-line flags that belong to run_recbole_llmser.py itself, not to the config.
 CLI_ONLY_KEYS = {"config_files", "dry_run"}
 
-STAGES = ("all", "augment", "train")
+#: all: build (or reuse) the method's artifacts, then train; reconstruct: TSLRec's stage 1 only; augment: the
+#: artifacts only (LLMSeR's augmentation artifact and/or TSLRec's item-embedding table); train: existing artifacts.
+STAGES = ("all", "reconstruct", "augment", "train")
 
 #: Keys whose values are secrets: kept out of ``final_config_dict`` (so out of logs, checkpoints and dumps).
 SECRET_KEYS = {"llm_api_key", "embedding_api_key"}
 
-METHODS = ("none", "llmser")
+METHODS = ("none", "llmser", "tslrec", "llmser+tslrec")
+
+
+def uses_llmser(config) -> bool:
+    """Whether the run's method includes LLMSeR (augmentation + dual-channel training)."""
+    return config["method"] in ("llmser", "llmser+tslrec")
+
+
+def uses_tslrec(config) -> bool:
+    """Whether the run's method includes TSLRec (LLM-enhanced item embeddings)."""
+    return config["method"] in ("tslrec", "llmser+tslrec")
 
 
 def properties_dir() -> Path:
@@ -313,6 +325,37 @@ AUG_VALIDATORS = {
 }
 
 
+# --- TSLRec
+def _str_list_or_none(key, v):
+    _check(v is None or (isinstance(v, list) and v and all(isinstance(x, str) and x for x in v)), key, v,
+           "a list of module names or ~")
+
+
+TSL_VALIDATORS = {
+    "tsl_lm": lambda k, v: _check(isinstance(v, str) and v.strip(), k, v, "smollm2, minilm or a local model folder"),
+    "tsl_lm_path": _optional_path,
+    "tsl_pooling": _choice("auto", "last", "mean"),
+    "tsl_dtype": _choice("float32", "bfloat16", "float16"),
+    "tsl_num_categories": lambda k, v: _check(_is_int(v) and v >= 2, k, v, "an integer >= 2"),
+    "tsl_epochs": _positive_int,
+    "tsl_batch_size": _positive_int,
+    "tsl_learning_rate": _positive_number,
+    "tsl_max_tokens": lambda k, v: _check(_is_int(v) and v >= 8, k, v, "an integer >= 8"),
+    "tsl_max_users": _optional_positive_int,
+    "tsl_max_steps": _optional_positive_int,
+    "tsl_lora": _bool,
+    "tsl_lora_r": _positive_int,
+    "tsl_lora_alpha": _positive_number,
+    "tsl_lora_dropout": lambda k, v: _check(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1,
+                                            k, v, "a number in [0, 1)"),
+    "tsl_lora_targets": _str_list_or_none,
+    "tsl_projection": _choice("pca", "learned"),
+    "tsl_freeze": _bool,
+    "tsl_embedding_file": _optional_path,
+}
+# --- end of TSLRec
+
+
 VALIDATORS = {
     **DCT_VALIDATORS,
     "epochs": _positive_int,
@@ -328,6 +371,7 @@ VALIDATORS = {
     "method": _method,
     "stage": lambda k, v: _check(v in STAGES, k, v, "one of " + ", ".join(STAGES)),
     **AUG_VALIDATORS,
+    **TSL_VALIDATORS,
     "seed": lambda k, v: _check(_is_int(v), k, v, "an integer"),
     "download_timeout": _positive_number,
 }

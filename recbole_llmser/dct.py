@@ -52,6 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recbole_llmser.config import uses_llmser
 from recbole_llmser.errors import LLMSeRError
 
 #: Per-row weight (rows layout) and channel flag (rows: ORIGINAL / AUGMENTED / SHARED; windows: the sequence).
@@ -332,15 +333,15 @@ def model_has_adapter(config) -> bool:
 def dct_enabled(config) -> bool:
     """Whether training goes through ``AugmentedSequentialDataset`` + ``DualChannelTrainer``: LLMSeR with an
     artifact, or plain training with ``train_all_positions: true`` on a model with an all-positions adapter."""
-    if config["method"] == "llmser" and config["aug_file"]:
-        return True
-    return config["method"] == "none" and bool(config["train_all_positions"]) and model_has_adapter(config)
+    if uses_llmser(config):
+        return bool(config["aug_file"])
+    return bool(config["train_all_positions"]) and model_has_adapter(config)
 
 
 def uses_all_positions(config) -> bool:
     """Whether DCT lays its training rows out as all-positions windows (else as RecBole-style rows)."""
     if not model_has_adapter(config):
         return False
-    if config["method"] == "llmser":
+    if uses_llmser(config):
         return config["dct_mode"] == "exact" and config["dct_all_positions"] == "auto"
     return bool(config["train_all_positions"])

@@ -66,6 +66,7 @@ from pathlib import Path
 
 import yaml
 
+from recbole_llmser.config import METHODS, uses_llmser
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.utils import atomic_file, atomic_write_json, atomic_write_text
 
@@ -73,7 +74,7 @@ RUNS = "runs.jsonl"
 FAILURES = "failures.jsonl"
 REPORT = "report.md"
 WORK = "_work"  # per-run logs, job files and the lock (git-ignored: results/**/_work/)
-METHOD_CHOICES = ("none", "llmser")
+METHOD_CHOICES = METHODS  # none, llmser, tslrec, llmser+tslrec
 #: Properties that do not change a run's numbers: left out of the run id, so changing them does not re-run.
 NON_SEMANTIC_KEYS = frozenset({
     "show_progress", "state", "gpu_id", "checkpoint_dir", "llm_concurrency", "llm_timeout", "llm_max_retries",
@@ -483,7 +484,7 @@ def main_table(entries, protocol):
     rows = []
     for model in list(dict.fromkeys(k[0] for k in rows_by_key)):
         means = {}
-        for method in ("none", "llmser"):
+        for method in METHOD_CHOICES:
             group = rows_by_key.get((model, method))
             if not group:
                 continue
@@ -495,10 +496,11 @@ def main_table(entries, protocol):
                 means[(method, gname, key)] = m
                 cells.append(fmt_mean_std(m, s))
             rows.append([model, method, len(rs), fmt_mean_std(v[0], v[1])] + cells)
-        if (model, "none") in rows_by_key and (model, "llmser") in rows_by_key:
-            gains = [fmt_gain(relative_gain(means.get(("none", g, k)), means.get(("llmser", g, k))))
-                     for _, g, k in cols]
-            rows.append([model, "gain llmser vs none", "", ""] + gains)
+        for method in METHOD_CHOICES[1:]:
+            if (model, "none") in rows_by_key and (model, method) in rows_by_key:
+                gains = [fmt_gain(relative_gain(means.get(("none", g, k)), means.get((method, g, k))))
+                         for _, g, k in cols]
+                rows.append([model, f"gain {method} vs none", "", ""] + gains)
     return _md_table(header, rows) + _mix_note(rows_by_key)
 
 
@@ -625,7 +627,7 @@ def plot_main(entries, protocol, path) -> None:
         stats = [aggregate(rs, "test", protocol, PLOT_METRIC[0], g) for g in groups]
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
         ax.bar(xs, [s[0] or 0 for s in stats], width, yerr=_yerr([s[1] for s in stats]), capsize=2,
-               label=f"{model} {method}", hatch="//" if method == "llmser" else None, edgecolor="black", lw=0.4)
+               label=f"{model} {method}", hatch=None if method == "none" else "//", edgecolor="black", lw=0.4)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(labels)
     ax.set_ylabel(f"test {PLOT_METRIC[1]} ({protocol})")
@@ -707,7 +709,7 @@ def write_report(results_dir, command=None) -> Path:
         "checkpoint. The `valid NDCG@10` column (same protocol as the test columns) is shown beside test.",
         "* Cells are mean ± sample standard deviation (n − 1) over the seeds in the `seeds` column; one seed shows "
         "the value only.",
-        "* `gain llmser vs none` = (mean llmser − mean none) / mean none × 100, same backbone, protocol and "
+        "* `gain <method> vs none` = (mean method − mean none) / mean none × 100, same backbone, protocol and "
         "column.",
         "* User-length groups count training items (sequence minus validation and test items), never pseudo "
         "items; each column names the group's range and its number of test users.",
@@ -966,7 +968,7 @@ def _child_main(job_path) -> int:
         return 1
     run_s = time.monotonic() - t0
     aug = None
-    if job["method"] == "llmser" and result.get("aug_file"):
+    if uses_llmser(job) and result.get("aug_file"):
         summary_path = Path(result["aug_file"]).parent / "summary.json"
         if summary_path.is_file():
             s = json.loads(summary_path.read_text(encoding="utf-8"))

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 from recbole.utils import init_logger, init_seed, set_color
 
-from recbole_llmser.config import Config
+from recbole_llmser.config import Config, uses_llmser, uses_tslrec
 from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.evaluation import evaluate_split, format_results
@@ -21,7 +21,9 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
 
     ``cmd_args`` are ``--key=value`` strings applied last (``None`` reads ``sys.argv`` as RecBole does).
     With ``method: llmser`` the augmentation stage runs first (see ``stage``); ``dry_run`` only prints its LLM
-    estimate. ``stage: augment`` returns ``{"artifact": path}`` without training.
+    estimate. With ``method: tslrec`` TSLRec's stages build the item-embedding table first; ``llmser+tslrec`` does
+    both. ``stage: augment`` returns ``{"artifact": path}`` and/or ``{"tsl_embedding_file": path}`` without
+    training (``stage: reconstruct``: TSLRec's stage 1 only).
     """
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     return run_with_config(config, saved=saved, dry_run=dry_run)
@@ -42,6 +44,15 @@ def augment(config, dry_run=False):
     return run_augmentation(config, create_dataset(plain), dry_run=dry_run)
 
 
+def tslrec_stages(config, stage="all", dry_run=False):
+    """TSLRec's stages for ``config``; returns the item-embedding table's path (``reconstruct``: the stage-1
+    checkpoint's; None for a dry run)."""
+    from recbole_llmser.tslrec.pipeline import build_table
+
+    plain = config.copy_with(method="none", aug_file=None, train_all_positions=False)
+    return build_table(config, create_dataset(plain), stage=stage, dry_run=dry_run)
+
+
 def run_with_config(config, saved=True, dry_run=False):
     """Train and evaluate with an existing Config. Writes ``<run dir>/{config.yaml, results.json, *.pth}``."""
     init_seed(config["seed"], config["reproducibility"])
@@ -49,19 +60,38 @@ def run_with_config(config, saved=True, dry_run=False):
     logger = getLogger()
     logger.info(config)
 
-    if config["method"] == "llmser":
-        stage = config["stage"]
+    stage, artifacts = config["stage"], {}
+    if stage == "reconstruct" and not uses_tslrec(config):
+        raise LLMSeRError(f"--stage=reconstruct is TSLRec's stage 1; method {config['method']} has no such stage")
+    if uses_llmser(config) and stage != "reconstruct":
         if stage == "train" and not config["aug_file"]:
             raise LLMSeRError("--stage=train needs --aug_file=<artifact.jsonl> (made by --stage=augment)")
         if stage == "augment" or dry_run or not config["aug_file"]:
             artifact = augment(config, dry_run=dry_run)
-            if dry_run or stage == "augment":
-                return {"artifact": str(artifact) if artifact else None}
-            config["aug_file"] = str(artifact)
+            artifacts["artifact"] = str(artifact) if artifact else None
+            if not (dry_run or stage == "augment"):
+                config["aug_file"] = str(artifact)
+    if uses_tslrec(config):
+        if stage == "train" and not config["tsl_embedding_file"]:
+            raise LLMSeRError("--stage=train needs --tsl_embedding_file=<table.npy> (made by --stage=augment)")
+        if stage in ("reconstruct", "augment") or dry_run or not config["tsl_embedding_file"]:
+            table = tslrec_stages(config, stage, dry_run=dry_run)
+            artifacts["tsl_embedding_file"] = str(table) if table else None
+            if not (dry_run or stage in ("reconstruct", "augment")):
+                config["tsl_embedding_file"] = str(table)
+    if dry_run or stage in ("reconstruct", "augment"):
+        return artifacts
+    if uses_llmser(config):
         logger.info(f"dual-channel training with the augmentation artifact {config['aug_file']}")
+    if uses_tslrec(config):
+        logger.info(f"TSLRec item embeddings from {config['tsl_embedding_file']}")
 
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
+    if uses_tslrec(config):  # checked before the run folder exists: a wrong table leaves nothing behind
+        from recbole_llmser.tslrec.stage2 import load_table
+
+        table, _ = load_table(config["tsl_embedding_file"], dataset.field2id_token[dataset.iid_field])
 
     run_dir = _make_run_dir(config)  # only once the data loaded: a bad dataset leaves no empty run folder
     config["checkpoint_dir"] = str(run_dir)
@@ -69,6 +99,10 @@ def run_with_config(config, saved=True, dry_run=False):
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
+    if uses_tslrec(config):
+        from recbole_llmser.tslrec.inject import apply_item_embeddings
+
+        apply_item_embeddings(model, table, config["tsl_freeze"], config["tsl_projection"])
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"], config)(config, model)
 
@@ -97,6 +131,7 @@ def run_with_config(config, saved=True, dry_run=False):
         "run_dir": str(run_dir),
         "checkpoint": trainer.saved_model_file if saved else None,
         "aug_file": config["aug_file"],
+        "tsl_embedding_file": config["tsl_embedding_file"],
     }
     atomic_write_json(run_dir / "results.json", result)
     logger.info(set_color("outputs", "blue") + f": {run_dir} (results.json, config.yaml"

@@ -12,6 +12,7 @@ from recbole.data.dataloader import TrainDataLoader
 from recbole.trainer import Trainer
 
 from recbole_llmser.compat import load_checkpoint
+from recbole_llmser.config import uses_llmser
 from recbole_llmser.dct import (
     CHANNEL_FIELD,
     TARGET_LIST_FIELD,
@@ -106,7 +107,7 @@ class DualChannelTrainer(SequentialTrainer):
 
     def __init__(self, config, model):
         super().__init__(config, model)
-        self.dct_mode = config["dct_mode"] if config["method"] == "llmser" else "exact"
+        self.dct_mode = config["dct_mode"] if uses_llmser(config) else "exact"
         self.reduction = config["dct_reduction"]
         self._windows_loader = (None, None)  # (train_data it was built for, loader)
         self._row_loss_kind = "bert4rec" if is_bert4rec(model) else "loss_fct"

@@ -6,6 +6,7 @@ from logging import getLogger
 
 from recbole.data import data_preparation  # noqa: F401  (re-exported for quick_start)
 
+from recbole_llmser.config import uses_llmser
 from recbole_llmser.data.dataset import AugmentedSequentialDataset, SequentialDataset
 from recbole_llmser.data.prepare import prepare_dataset
 from recbole_llmser.dct import ALL_POSITION_MODELS, dct_enabled
@@ -22,7 +23,7 @@ def create_dataset(config):
     if dct_enabled(config):
         dataset = AugmentedSequentialDataset(config)
     else:
-        if config["method"] == "none" and config["train_all_positions"]:
+        if not uses_llmser(config) and config["train_all_positions"]:
             getLogger().warning(
                 f"train_all_positions: {config['model']} has no all-positions adapter "
                 f"(have: {', '.join(ALL_POSITION_MODELS)}); training on RecBole's rows"
