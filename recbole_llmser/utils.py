@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -10,6 +11,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 from recbole.utils import ModelType
 from recbole.utils import get_model as _recbole_get_model
 
@@ -44,6 +46,17 @@ def get_trainer(model_type, model_name: str, config=None):
     from recbole.utils import get_trainer as _recbole_get_trainer
 
     return _recbole_get_trainer(model_type, model_name)
+
+
+def content_hash(settings: dict, sequences=(), *extras: bytes) -> str:
+    """Hex sha256 of ``settings`` (canonical JSON), then ``extras``, then each item-id sequence (int64 bytes and a
+    separator): the identity of a cached artifact (a changed setting or sequence gives a new hash)."""
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for extra in extras:
+        h.update(extra)
+    for seq in sequences:
+        h.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")
+    return h.hexdigest()
 
 
 def unique_stem(*parts: str) -> str:

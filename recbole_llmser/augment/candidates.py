@@ -19,8 +19,6 @@ reused when that hash is unchanged.
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from logging import getLogger
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from recbole.data.interaction import Interaction
 from tqdm import tqdm
 
 from recbole_llmser.compat import load_checkpoint
-from recbole_llmser.utils import get_model
+from recbole_llmser.utils import content_hash, get_model
 
 #: Keys of the main config that a helper model copies (data fields and run settings).
 _COPIED_KEYS = (
@@ -100,13 +98,9 @@ def helper_config(config, direction: str):
 
 def helper_fingerprint(helper, sequences) -> str:
     """Hash of the helper's settings and its exact training sequences (so a change retrains)."""
-    h = hashlib.sha256()
-    keys = sorted(k for k in helper.final_config_dict if k not in {"checkpoint_dir", "show_progress", "state", "device"})
-    h.update(json.dumps({k: str(helper.final_config_dict[k]) for k in keys}, sort_keys=True).encode())
-    for seq in sequences:
-        h.update(np.asarray(seq, dtype=np.int64).tobytes())
-        h.update(b"|")
-    return h.hexdigest()[:16]
+    skip = {"checkpoint_dir", "show_progress", "state", "device"}
+    settings = {k: str(v) for k, v in helper.final_config_dict.items() if k not in skip}
+    return content_hash(settings, sequences)[:16]
 
 
 def _helper_dataset(dataset, helper, sequences, users):

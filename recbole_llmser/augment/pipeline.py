@@ -28,7 +28,6 @@ only training items' titles in their history part.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from logging import getLogger
@@ -42,7 +41,7 @@ from recbole_llmser.augment.filter import keep_pseudo_items, select_users
 from recbole_llmser.augment.reliability import decayed_weight, fill_unverifiable, reliability
 from recbole_llmser.augment.semantic import cosine01
 from recbole_llmser.errors import LLMSeRError
-from recbole_llmser.utils import atomic_write_json, atomic_write_text
+from recbole_llmser.utils import atomic_write_json, atomic_write_text, content_hash
 
 ARTIFACT = "artifact.jsonl"
 SUMMARY = "summary.json"
@@ -77,11 +76,8 @@ def resolve_backend(config) -> str:
 
 def augmentation_dir(config, backend: str, sequences) -> Path:
     """``<checkpoint_dir>/<dataset>/augment/<hash of the AUG_KEYS, the backend and the data>``."""
-    h = hashlib.sha256(json.dumps({k: str(config[k]) for k in AUG_KEYS}, sort_keys=True).encode())
-    h.update(backend.encode())
-    for seq in sequences:
-        h.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")
-    return Path(config["checkpoint_dir"]).resolve() / config["dataset"] / "augment" / h.hexdigest()[:16]
+    digest = content_hash({k: str(config[k]) for k in AUG_KEYS}, sequences, backend.encode())
+    return Path(config["checkpoint_dir"]).resolve() / config["dataset"] / "augment" / digest[:16]
 
 
 def item_texts(dataset, field):
@@ -98,13 +94,21 @@ def item_texts(dataset, field):
     return texts
 
 
+def prompt_titles(dataset, texts, max_chars: int) -> list:
+    """Each item's name in prompts, in RecBole's id order: its text (``texts``, from :func:`item_texts`) cleaned and
+    capped at ``max_chars``, else ``item <RecBole token>`` (every item when ``texts`` is None)."""
+    from recbole_llmser.augment.prompts import clean_title
+
+    tokens = dataset.field2id_token[dataset.iid_field]
+    texts = [""] * dataset.item_num if texts is None else texts
+    return [clean_title(t, max_chars, fallback=f"item {tokens[i]}") for i, t in enumerate(texts)]
+
+
 class _Titles:
-    """Prompt titles: cleaned, capped, with a fallback for items without text."""
+    """Prompt titles of item ids (see :func:`prompt_titles`)."""
 
-    def __init__(self, texts, token_of, max_chars):
-        from recbole_llmser.augment.prompts import clean_title
-
-        self.values = [clean_title(t, max_chars, fallback=f"item {token_of(i)}") for i, t in enumerate(texts)]
+    def __init__(self, values):
+        self.values = values
 
     def __call__(self, items):
         return [self.values[int(i)] for i in items]
@@ -161,7 +165,7 @@ def run_augmentation(config, dataset, dry_run: bool = False):
     if snf_mode != "filter" or const_w is not None:
         logger.info(f"augmentation ablation: snf_mode={snf_mode}, arv_weight={const_w}")
     client = _llm_client(config, root) if backend == "llm" and (snf_mode == "filter" or const_w is None) else None
-    titles = _Titles(texts, tok, int(config["title_max_chars"])) if texts is not None else None
+    titles = _Titles(prompt_titles(dataset, texts, int(config["title_max_chars"]))) if texts is not None else None
     hist_max = int(config["snf_history_max"])
     if backend == "offline":
         from recbole_llmser.augment.semantic import OfflineRanker

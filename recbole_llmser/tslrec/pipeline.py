@@ -16,7 +16,6 @@ only), saved under an explicit name with a fingerprint of its settings and data 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from logging import getLogger
@@ -28,7 +27,7 @@ from recbole_llmser.augment import candidates as ccg
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.tslrec import stage1, stage2
 from recbole_llmser.tslrec.lm import resolve_lm
-from recbole_llmser.utils import get_model
+from recbole_llmser.utils import content_hash, get_model
 
 #: Properties that define stages 1 and 2; a change gives a new folder.
 STAGE_KEYS = (
@@ -49,13 +48,10 @@ class Inputs:
 
 def item_names(config, dataset) -> np.ndarray:
     """Each item's name in prompts: its cleaned title (``item_text_field``), else ``item <RecBole token>``."""
-    from recbole_llmser.augment.pipeline import item_texts
-    from recbole_llmser.augment.prompts import clean_title
+    from recbole_llmser.augment.pipeline import item_texts, prompt_titles
 
-    tokens = dataset.field2id_token[dataset.iid_field]
     field = config["item_text_field"]
-    texts = item_texts(dataset, field) if field else [""] * dataset.item_num
-    names = [clean_title(t, int(config["title_max_chars"]), fallback=f"item {tokens[i]}") for i, t in enumerate(texts)]
+    names = prompt_titles(dataset, item_texts(dataset, field) if field else None, int(config["title_max_chars"]))
     names[0] = ""
     return np.array(names, dtype=object)
 
@@ -67,12 +63,10 @@ def inputs_of(config, dataset) -> Inputs:
 
 def stage_dir(config, inputs: Inputs, lm_fingerprint: str) -> Path:
     """``<checkpoint_dir>/<dataset>/tslrec/<hash of STAGE_KEYS, prompt template, LM files and data>``."""
-    h = hashlib.sha256(json.dumps({k: str(config[k]) for k in STAGE_KEYS}, sort_keys=True).encode())
-    h.update(f"{stage1.STAGE_VERSION}|{lm_fingerprint}|".encode())
-    h.update(json.dumps(list(inputs.names), ensure_ascii=False).encode())
-    for seq in inputs.prefixes:
-        h.update(np.asarray(seq, dtype=np.int64).tobytes() + b"|")
-    return Path(config["checkpoint_dir"]).resolve() / config["dataset"] / "tslrec" / h.hexdigest()[:16]
+    digest = content_hash({k: str(config[k]) for k in STAGE_KEYS}, inputs.prefixes,
+                          f"{stage1.STAGE_VERSION}|{lm_fingerprint}|".encode(),
+                          json.dumps(list(inputs.names), ensure_ascii=False).encode())
+    return Path(config["checkpoint_dir"]).resolve() / config["dataset"] / "tslrec" / digest[:16]
 
 
 def backbone_width(config, dataset) -> int:
