@@ -26,15 +26,16 @@ TINY = {
 }
 
 
-def write_tiny_dataset(root, name="tiny", n_users=40, n_items=50, seed=0, with_item=True):
-    """RecBole atomic files under root/name: users with 5..12 interactions, distinct items per user."""
+def write_tiny_dataset(root, name="tiny", n_users=40, n_items=50, seed=0, with_item=True, lengths=(5, 12)):
+    """RecBole atomic files under root/name: users with ``lengths`` (inclusive) interactions, distinct items per
+    user."""
     rng = random.Random(seed)
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     lines = ["user_id:token\titem_id:token\ttimestamp:float"]
     sequences = {}
     for u in range(1, n_users + 1):
-        length = rng.randint(5, 12)
+        length = rng.randint(*lengths)
         items = rng.sample(range(1, n_items + 1), length)
         sequences[f"u{u}"] = [f"i{i}" for i in items]
         for t, i in enumerate(items):

@@ -36,7 +36,7 @@ from recbole_llmser.evaluation import format_results
 from recbole_llmser.quick_start import run
 from recbole_llmser.trainer import DualChannelTrainer, SequentialTrainer
 from recbole_llmser.utils import get_model, get_trainer
-from tests.conftest import tiny_config_dict
+from tests.conftest import tiny_config_dict, write_tiny_dataset
 
 NAN = float("nan")
 
@@ -584,3 +584,34 @@ def test_plain_training_through_all_positions(tiny_data, tmp_cwd):
     assert result["test"]["full"]["overall"]["n"] == len(sequences)
     bert = Config("BERT4Rec", "tiny", config_dict=cfg, cmd_args=[])  # no adapter: RecBole's rows
     assert get_trainer(bert["MODEL_TYPE"], "BERT4Rec", bert) is SequentialTrainer
+
+
+def test_train_lengths_follow_recboles_leave_one_out(tmp_cwd):
+    """T_u of users with 2..6 interactions: a 3-item user has no validation row and trains on s_1 -> s_2."""
+    from recbole_llmser.augment.candidates import training_prefixes
+    from recbole_llmser.data.dataset import train_lengths
+
+    assert train_lengths([0, 1, 2, 3, 4, 7]).tolist() == [0, 0, 2, 2, 2, 5]
+    assert train_lengths([2, 3, 4], leave_one_num=1).tolist() == [2, 2, 3]
+    sequences = write_tiny_dataset(tmp_cwd / "data", lengths=(2, 6), n_users=60)
+    assert {len(s) for s in sequences.values()} == {2, 3, 4, 5, 6}
+    for split, k in (("valid_and_test", 2), ("test_only", 1)):
+        config = _config(tmp_cwd / "data", eval_args={"split": {"LS": split}, "order": "TO", "group_by": "user",
+                                                       "mode": "full"})
+        dataset, parts = _build(config)
+        uid = dataset.uid_field
+        rows = np.bincount(parts[0]._dataset.inter_feat[uid].numpy(), minlength=dataset.user_num)
+        # T_u = the items of the user's training rows: histories and targets (rows + 1)
+        want = np.where(rows > 0, rows + 1, 0)
+        assert np.array_equal(dataset.user_train_len, want), split
+        tokens = dataset.field2id_token[uid]
+        prefixes = training_prefixes(config, [np.array(sequences[tokens[u]]) for u in range(1, dataset.user_num)])
+        assert [len(p) for p in prefixes] == want[1:].tolist()
+        if k == 2:  # no training prefix ever holds a validation or test target
+            held_out = {(int(u), int(i)) for part in parts[1:] for u, i in
+                        zip(part._dataset.inter_feat[uid].numpy(), part._dataset.inter_feat[dataset.iid_field].numpy())}
+            iid = dataset.field2token_id[dataset.iid_field]
+            assert not {(u, iid[i]) for u, p in zip(range(1, dataset.user_num), prefixes) for i in p} & held_out
+    with pytest.raises(LLMSeRError, match="eval_args split.*leave-one-out"):
+        training_prefixes(_config(tmp_cwd / "data", eval_args={"split": {"RS": [0.8, 0.1, 0.1]}, "order": "TO",
+                                                               "group_by": "user", "mode": "full"}), [])

@@ -1,7 +1,9 @@
 """CCG — candidate generation with helper sequential models trained on TRAINING PREFIXES only.
 
-* Training prefix of a user = the chronological sequence minus its last two items (validation and test), so
-  nothing here ever sees a validation or test item.
+* Training prefix of a user = the chronological sequence minus its validation and test items: the items of its
+  RecBole training rows (:func:`~recbole_llmser.data.dataset.train_lengths`: the last two items from 4 items on;
+  a 3-item user has no validation item, so its prefix is ``s_1 s_2``), so nothing here ever sees a validation or
+  test item, and CCG never proposes an item the backbone is trained to predict for that user.
 * The *reverse* model is any RecBole sequential model (``ccg_model``, default SASRec) trained on the reversed
   training prefixes; given a user's reversed prefix it scores every item as "the item before the first one":
   the top ``ccg_num_candidates`` (K) items, minus the prefix's own items and padding, are the pseudo-prior
@@ -50,9 +52,23 @@ def user_sequences(inter_df: pd.DataFrame, uid_field: str, iid_field: str, time_
     return users, np.split(iid, starts[1:])
 
 
-def training_prefix(seq: np.ndarray) -> np.ndarray:
-    """The sequence minus its validation and test items."""
-    return seq[:-2] if len(seq) > 2 else seq[:0]
+def training_prefix(seq: np.ndarray, leave_one_num: int = 2) -> np.ndarray:
+    """The sequence minus its validation and test items (see :func:`~recbole_llmser.data.dataset.train_lengths`)."""
+    from recbole_llmser.data.dataset import train_lengths
+
+    return seq[:int(train_lengths(len(seq), leave_one_num))]
+
+
+def training_prefixes(config, seqs) -> list:
+    """:func:`training_prefix` of each sequence under the run's split (``eval_args``; leave-one-out only)."""
+    from recbole_llmser.data.dataset import leave_one_out_num
+    from recbole_llmser.errors import LLMSeRError
+
+    k = leave_one_out_num(config)
+    if k is None:
+        raise LLMSeRError(f"eval_args split {config['eval_args'].get('split')!r}: augmentation needs RecBole's "
+                          "leave-one-out split ({LS: valid_and_test} or {LS: test_only}); set eval_args.split")
+    return [training_prefix(s, k) for s in seqs]
 
 
 def to_interaction(histories, max_len: int, item_seq_field: str, item_len_field: str) -> Interaction:

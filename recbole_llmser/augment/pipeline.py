@@ -22,8 +22,9 @@ reverse-model augmentation); ``snf_mode: random`` prepends M items drawn uniform
 ``arv_weight: <w>`` skips ARV and gives every user the same w (1.0 = no ARV). Neither calls the LLM for the
 stage it replaces.
 
-Leakage: everything here is computed from training prefixes (sequence minus its last two items); prompts show
-only training items' titles in their history part.
+Leakage: everything here is computed from training prefixes (the sequence minus its validation and test items,
+:func:`~recbole_llmser.augment.candidates.training_prefix`); prompts show only training items' titles in their
+history part.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def run_augmentation(config, dataset, dry_run: bool = False):
     timings = {}
     backend = resolve_backend(config)
     users, seqs = ccg.user_sequences(dataset.inter_feat, dataset.uid_field, dataset.iid_field, dataset.time_field)
-    prefixes = [ccg.training_prefix(s) for s in seqs]
+    prefixes = ccg.training_prefixes(config, seqs)
     out_dir = augmentation_dir(config, backend, prefixes)
     artifact = out_dir / ARTIFACT
     if artifact.is_file() and (out_dir / SUMMARY).is_file() and not dry_run:

@@ -31,6 +31,22 @@ from recbole_llmser.dct import (
 from recbole_llmser.errors import LLMSeRError
 
 
+def leave_one_out_num(config):
+    """Items RecBole's ``LS`` split holds out per user at the end of the sequence: 2 (``valid_and_test``),
+    1 (``test_only``); None for other splits."""
+    split = (config["eval_args"] or {}).get("split") or {}
+    return {"valid_and_test": 2, "test_only": 1}.get(split.get("LS")) if isinstance(split, dict) else None
+
+
+def train_lengths(n_items, leave_one_num: int = 2) -> np.ndarray:
+    """Training items per user (``T_u``: its training rows' histories and targets) under RecBole's leave-one-out
+    split of a sequence of ``n_items`` interactions. RecBole expands a sequence into ``n - 1`` prefix rows and holds
+    out ``min(leave_one_num, rows - 1)`` of them, so a user with 3 items has no validation row and 2 training
+    items (``s_1 -> s_2``), one with 2 items only a training row; from 4 items on it is ``n - 2``."""
+    n = np.asarray(n_items, dtype=np.int64)
+    return np.where(n >= 2, n - np.minimum(leave_one_num, np.maximum(n - 2, 0)), 0)
+
+
 def per_user_items(uid: np.ndarray, iid: np.ndarray, n_users: int):
     """Sorted unique item ids of each user id 0..n_users-1."""
     order = np.lexsort((iid, uid))
@@ -42,7 +58,8 @@ def per_user_items(uid: np.ndarray, iid: np.ndarray, n_users: int):
 class SequentialDataset(_RecBoleSequentialDataset):
     """RecBole's ``SequentialDataset`` plus two per-user arrays taken from the raw interactions:
 
-    * ``user_train_len[u]``: training items of user ``u`` (interactions minus validation and test, >= 0);
+    * ``user_train_len[u]``: training items of user ``u`` (its interactions minus its validation and test items,
+      :func:`train_lengths`; a user with 3 interactions has no validation item under ``LS``);
     * ``user_items[u]``: every item user ``u`` interacted with, in any split (for sampled negatives).
     """
 
@@ -50,7 +67,7 @@ class SequentialDataset(_RecBoleSequentialDataset):
         super().__init__(config)
         uid = self.inter_feat[self.uid_field].to_numpy()
         iid = self.inter_feat[self.iid_field].to_numpy()
-        self.user_train_len = np.maximum(np.bincount(uid, minlength=self.user_num) - 2, 0)
+        self.user_train_len = train_lengths(np.bincount(uid, minlength=self.user_num), leave_one_out_num(config) or 2)
         self.user_items = per_user_items(uid, iid, self.user_num)
 
     def data_augmentation(self):

@@ -58,7 +58,7 @@ def item_names(config, dataset) -> np.ndarray:
 
 def inputs_of(config, dataset) -> Inputs:
     users, seqs = ccg.user_sequences(dataset.inter_feat, dataset.uid_field, dataset.iid_field, dataset.time_field)
-    return Inputs(users, [ccg.training_prefix(s) for s in seqs], item_names(config, dataset))
+    return Inputs(users, ccg.training_prefixes(config, seqs), item_names(config, dataset))
 
 
 def stage_dir(config, inputs: Inputs, lm_fingerprint: str) -> Path:
