@@ -31,6 +31,8 @@ from recbole.data.interaction import Interaction
 from tqdm import tqdm
 
 from recbole_llmser.compat import load_checkpoint
+from recbole_llmser.data.dataset import leave_one_out_num, train_lengths
+from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.utils import content_hash, get_model
 
 #: Keys of the main config that a helper model copies (data fields and run settings).
@@ -52,23 +54,14 @@ def user_sequences(inter_df: pd.DataFrame, uid_field: str, iid_field: str, time_
     return users, np.split(iid, starts[1:])
 
 
-def training_prefix(seq: np.ndarray, leave_one_num: int = 2) -> np.ndarray:
-    """The sequence minus its validation and test items (see :func:`~recbole_llmser.data.dataset.train_lengths`)."""
-    from recbole_llmser.data.dataset import train_lengths
-
-    return seq[:int(train_lengths(len(seq), leave_one_num))]
-
-
 def training_prefixes(config, seqs) -> list:
-    """:func:`training_prefix` of each sequence under the run's split (``eval_args``; leave-one-out only)."""
-    from recbole_llmser.data.dataset import leave_one_out_num
-    from recbole_llmser.errors import LLMSeRError
-
+    """Each sequence minus its validation and test items under the run's split (``eval_args``; leave-one-out
+    only; see :func:`~recbole_llmser.data.dataset.train_lengths`)."""
     k = leave_one_out_num(config)
     if k is None:
         raise LLMSeRError(f"eval_args split {config['eval_args'].get('split')!r}: augmentation needs RecBole's "
                           "leave-one-out split ({LS: valid_and_test} or {LS: test_only}); set eval_args.split")
-    return [training_prefix(s, k) for s in seqs]
+    return [s[:n] for s, n in zip(seqs, train_lengths([len(s) for s in seqs], k).tolist())]
 
 
 def to_interaction(histories, max_len: int, item_seq_field: str, item_len_field: str) -> Interaction:

@@ -23,7 +23,7 @@ reverse-model augmentation); ``snf_mode: random`` prepends M items drawn uniform
 stage it replaces.
 
 Leakage: everything here is computed from training prefixes (the sequence minus its validation and test items,
-:func:`~recbole_llmser.augment.candidates.training_prefix`); prompts show only training items' titles in their
+:func:`~recbole_llmser.augment.candidates.training_prefixes`); prompts show only training items' titles in their
 history part.
 """
 
