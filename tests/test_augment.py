@@ -56,11 +56,12 @@ def test_offline_backend(tiny_data, tmp_cwd):
 
 def test_llm_backend_cached_rerun_faults_and_secrets(tiny_data, tmp_cwd, monkeypatch, caplog):
     data, sequences = tiny_data
-    seen = []
+    seen, keys = [], []
     original = LLMClient.run
 
     def spy(self, requests, desc="LLM"):
         seen.extend(requests)
+        keys.extend((self.key(r), r.id) for r in requests)
         return original(self, requests, desc)
 
     monkeypatch.setattr(LLMClient, "run", spy)
@@ -79,12 +80,25 @@ def test_llm_backend_cached_rerun_faults_and_secrets(tiny_data, tmp_cwd, monkeyp
         assert failed > 0  # injected malformed bodies: not cached, answered by the fallback
         # a second run reuses the artifact: zero calls
         assert _augment(data, **llm)[1] == records and server.calls() == 2 * len(sequences)
-        # without the artifact, the LLM cache answers everything that succeeded; only failures are asked again
+        # without the artifact, the LLM cache answers everything that succeeded; only what is not in it is asked:
+        # the failed SNF requests, the failed ARV requests, and the ARV requests of users whose SNF answer
+        # changes (ARV's candidates follow the kept pseudo items, so a retried SNF call may change its prompt)
+        (cache_file,) = tmp_cwd.rglob("llm_cache.jsonl")
+        cached = {json.loads(line)["key"] for line in cache_file.read_text().splitlines()}
+        failed_ids = [rid for key, rid in dict(keys).items() if key not in cached]
+        failed_snf = {rid.split(":", 1)[1] for rid in failed_ids if rid.startswith("snf:")}
+        failed_arv = {rid.split(":", 1)[1] for rid in failed_ids if rid.startswith("arv:")}
+        assert len(failed_snf) + len(failed_arv) == failed
         path.unlink()
         server.rate_refusal = server.rate_hallucinate = server.rate_malformed = 0.0
+        del keys[:]
         _, records2, summary2 = _augment(data, **llm)
-        assert server.calls() == 2 * len(sequences) + failed
-        assert summary2["llm"]["cache_hits"] == 2 * len(sequences) - failed
+        asked = {key: rid for key, rid in keys if key not in cached}
+        assert server.calls() == 2 * len(sequences) + len(asked)
+        assert summary2["llm"]["cache_hits"] == 2 * len(sequences) - len(asked)
+        assert {rid.split(":", 1)[1] for rid in asked.values() if rid.startswith("snf:")} == failed_snf
+        asked_arv = {rid.split(":", 1)[1] for rid in asked.values() if rid.startswith("arv:")}
+        assert failed_arv <= asked_arv <= failed_arv | failed_snf
         _check_records(records2, sequences, 8)
 
     # leakage: the history part of every prompt holds only training items of that user
