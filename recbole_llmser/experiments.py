@@ -474,6 +474,29 @@ def _valid_metric(records) -> str:
     return c.most_common(1)[0][0]
 
 
+def selection_protocol(records) -> str:
+    """The protocol whose validation NDCG@10 chooses between table rows: ``full`` (the trainer's model-selection
+    protocol) when present, else the first protocol of the records."""
+    valid = [p for r in records for p in (r.get("valid") or {})]
+    return "full" if "full" in valid else (valid[0] if valid else "full")
+
+
+def validation_choice(row_records, protocol):
+    """Index of the row (a list of run records, one per seed) with the highest mean overall validation NDCG@10
+    under ``protocol``; the first such row on a tie, None when no row has a validation value."""
+    best, best_value = None, None
+    for i, rs in enumerate(row_records):
+        value = aggregate(rs, "valid", protocol, "ndcg@10")[0]
+        if value is not None and (best_value is None or value > best_value):
+            best, best_value = i, value
+    return best
+
+
+def _choice_cells(row_records, protocol):
+    chosen = validation_choice(row_records, protocol)
+    return ["✓" if i == chosen else "" for i in range(len(row_records))]
+
+
 def main_table(entries, protocol):
     """Markdown table of the ``main`` group for ``protocol``: rows backbone × method (mean ± std over seeds),
     a gain row per backbone (llmser over none, on the means), validation NDCG@10 beside test."""
@@ -506,15 +529,16 @@ def main_table(entries, protocol):
 
 def labelled_table(entries, protocol):
     """Rows = (label, backbone, method) in plan order; columns = valid NDCG@10, test metrics overall and per
-    group; plus the relative change of overall NDCG@10 against the first row."""
+    group; plus the relative change of overall NDCG@10 against the first row and the row validation chooses."""
     recs = _records(entries)
     rows_by_key = group_rows(entries, lambda e: (e[2] or f"{e[0]['model']} {e[0]['method']}", e[0]["model"],
                                                  e[0]["method"]))
     cols = _columns(recs, protocol)
     header = (["variant", "backbone", "method", "seeds", "valid NDCG@10"] + [c[0] for c in cols]
-              + ["Δ NDCG@10 vs first row"])
+              + ["Δ NDCG@10 vs first row", "chosen on validation"])
     rows, ref = [], None
-    for (label, model, method), group in rows_by_key.items():
+    chosen = _choice_cells([_records(g) for g in rows_by_key.values()], selection_protocol(recs))
+    for ((label, model, method), group), choice in zip(rows_by_key.items(), chosen):
         rs = _records(group)
         v = aggregate(rs, "valid", protocol, "ndcg@10")
         cells = [fmt_mean_std(*aggregate(rs, "test", protocol, key, g)[:2]) for _, g, key in cols]
@@ -524,7 +548,7 @@ def labelled_table(entries, protocol):
             delta = "reference"
         else:
             delta = fmt_gain(relative_gain(ref, overall))
-        rows.append([label, model, method, len(rs), fmt_mean_std(v[0], v[1])] + cells + [delta])
+        rows.append([label, model, method, len(rs), fmt_mean_std(v[0], v[1])] + cells + [delta, choice])
     return _md_table(header, rows) + _mix_note(rows_by_key)
 
 
@@ -547,14 +571,17 @@ def sweep_table(entries, protocol, prop):
     recs = _records(entries)
     by_key = group_rows(entries, lambda e: (e[0]["model"], e[0]["method"], json.dumps(e[3])))
     cols = _columns(recs, protocol)
-    header = ["backbone", "method", prop, "seeds", "valid NDCG@10"] + [c[0] for c in cols]
+    header = ["backbone", "method", prop, "seeds", "valid NDCG@10"] + [c[0] for c in cols] + ["chosen on validation"]
+    ordered = sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1], _sort_x(json.loads(kv[0][2]))))
+    series = group_rows(ordered, lambda kv: kv[0][:2])  # one choice per (backbone, method) curve
+    chosen = [c for items in series.values()
+              for c in _choice_cells([_records(g) for _, g in items], selection_protocol(recs))]
     rows = []
-    for (model, method, xj), group in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1],
-                                                                               _sort_x(json.loads(kv[0][2])))):
+    for ((model, method, xj), group), choice in zip(ordered, chosen):  # ordered lists the curves one after another
         rs = _records(group)
         v = aggregate(rs, "valid", protocol, "ndcg@10")
         cells = [fmt_mean_std(*aggregate(rs, "test", protocol, key, g)[:2]) for _, g, key in cols]
-        rows.append([model, method, json.loads(xj), len(rs), fmt_mean_std(v[0], v[1])] + cells)
+        rows.append([model, method, json.loads(xj), len(rs), fmt_mean_std(v[0], v[1])] + cells + [choice])
     return _md_table(header, rows) + _mix_note(by_key)
 
 
@@ -707,6 +734,10 @@ def write_report(results_dir, command=None) -> Path:
         f"* **Model selection uses validation metrics only**: early stopping and the checkpoint kept use "
         f"validation {vm} (RecBole's trainer, full ranking); the test split is evaluated once, on that "
         "checkpoint. The `valid NDCG@10` column (same protocol as the test columns) is shown beside test.",
+        f"* `chosen on validation` marks, in each ablation table and each sweep curve, the row with the highest "
+        f"mean overall validation NDCG@10 under `{selection_protocol(records)}` ranking: the setting a user choosing "
+        "on validation only would keep (the same row in every protocol's table; each row's mean is over its own "
+        "seeds, see `seeds`).",
         "* Cells are mean ± sample standard deviation (n − 1) over the seeds in the `seeds` column; one seed shows "
         "the value only.",
         "* `gain <method> vs none` = (mean method − mean none) / mean none × 100, same backbone, protocol and "

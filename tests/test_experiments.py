@@ -186,6 +186,7 @@ def test_report_maths_tables_and_plots_from_a_handmade_runs_file(tmp_path):
     sweep = text.split("## Sweep of `b`")[1].split("## Cost")[0]
     rows = [ln for ln in sweep.splitlines() if ln.startswith("| SASRec | llmser |")][:3]
     assert [ln.split(" | ")[2] for ln in rows] == ["0.1", "0.3", "1"]
+    assert [ln.rstrip(" |").endswith("✓") for ln in rows] == [False, True, False]  # highest valid NDCG@10
     # cost table: stage timings from the augmentation summary fields
     cost = text.split("## Cost")[1]
     assert "| 10.0 | 2.0 | 3.0 | 30.0 | 60.0 |" in cost and "2.00" in cost
@@ -194,6 +195,23 @@ def test_report_maths_tables_and_plots_from_a_handmade_runs_file(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temp files
     assert ex.sweep_series([(r, "sweep:b", None, r["x"]) for r in recs if r["group"] == "sweep:b"], "full")[
         ("SASRec", "llmser")][0][1]["overall"][0] == 0.2
+
+
+def test_validation_chooses_the_row_with_the_best_mean_validation_ndcg():
+    plain = [_record("SASRec", "none", s, 0.2) for s in (42, 43)]          # valid 0.1 (ndcg / 2)
+    better_test = [_record("SASRec", "llmser", 42, 0.3)]                   # valid 0.15
+    rows = [plain, better_test, [_record("SASRec", "llmser", 42, 0.3, overrides={"x": 1})]]  # a tie: first wins
+    assert ex.validation_choice(rows, "full") == 1
+    for r in better_test[0]["valid"].values():  # validation, not test, decides
+        r["overall"]["ndcg@10"] = 0.05
+    assert ex.validation_choice(rows, "full") == 2
+    assert ex.validation_choice([[{"id": "x"}]], "full") is None  # no validation results: no choice
+    assert ex.selection_protocol(plain) == "full"
+    assert ex.selection_protocol([{"valid": {"uni100": {}}}]) == "uni100"
+    entries = [(r, "ablation", label, None) for label, rs in (("plain", plain), ("aug", better_test)) for r in rs]
+    for p in ("uni100", "full"):  # the same row in each protocol's table (chosen under full ranking)
+        table = ex.labelled_table(entries, p)
+        assert [ln.rstrip(" |").endswith("✓") for ln in table.splitlines()[2:]] == [True, False]
 
 
 # -------------------------------------------------------------------------------- running (subprocesses) --
