@@ -733,7 +733,9 @@ def write_report(results_dir, command=None) -> Path:
         "against all items.",
         f"* **Model selection uses validation metrics only**: early stopping and the checkpoint kept use "
         f"validation {vm} (RecBole's trainer, full ranking); the test split is evaluated once, on that "
-        "checkpoint. The `valid NDCG@10` column (same protocol as the test columns) is shown beside test.",
+        "checkpoint. The `valid NDCG@10` column (same protocol as the test columns) is shown beside test. "
+        "`kept epoch / trained / cap` (runs table, 1-based): the epoch of that checkpoint, the epochs trained and "
+        "the `epochs` cap; a run that kept its last epoch at the cap was still improving when it stopped.",
         f"* `chosen on validation` marks, in each ablation table and each sweep curve, the row with the highest "
         f"mean overall validation NDCG@10 under `{selection_protocol(records)}` ranking: the setting a user choosing "
         "on validation only would keep (the same row in every protocol's table; each row's mean is over its own "
@@ -806,16 +808,22 @@ def write_report(results_dir, command=None) -> Path:
             tables.setdefault(rec["id"], []).append(group + (f" [{label}]" if label else ""))
         all_protocols = protocols_of(records)
         out += ["## Runs", ""]
-        header = ["id", "backbone", "method", "seed", "tables", "overrides", f"best valid {vm} (trainer)"] + \
+        header = ["id", "backbone", "method", "seed", "tables", "overrides", f"best valid {vm} (trainer)",
+                  "kept epoch / trained / cap"] + \
                  [f"test NDCG@10 {p}" for p in all_protocols] + ["wall s", "peak RSS MiB", "finished"]
         rows = [[r["id"], r["model"], r["method"], r["seed"],
                  "; ".join(dict.fromkeys(tables.get(r["id"], []))) or "— (in no plan)",
                  _format_overrides(r.get("overrides") or {}),
-                 "—" if r.get("best_valid_score") is None else f"{r['best_valid_score']:.4f}"]
+                 "—" if r.get("best_valid_score") is None else f"{r['best_valid_score']:.4f}", _epochs_cell(r)]
                 + [fmt_mean_std(metric_value(r, "test", p, "ndcg@10"), None) for p in all_protocols]
                 + [f"{r.get('wall_s', 0):.1f}", f"{r.get('peak_rss_mb') or 0:.0f}", r.get("finished", "")]
                 for r in records]
         out += [_md_table(header, rows), ""]
+        capped = [r["id"] for r in records if stopped_at_cap(r)]
+        if capped:
+            out += [f"{len(capped)} of {sum(r.get('best_epoch') is not None for r in records)} runs with a recorded "
+                    "kept epoch kept their last epoch at the `epochs` cap, i.e. validation was still improving when "
+                    f"training stopped (more epochs may change them): {', '.join(capped)}.", ""]
 
     plot_note = _write_figures(results_dir, figures, by_group)
     if plot_note:
@@ -823,6 +831,22 @@ def write_report(results_dir, command=None) -> Path:
     path = results_dir / REPORT
     atomic_write_text(path, "\n".join(out))
     return path
+
+
+def stopped_at_cap(record) -> bool:
+    """Whether the run trained up to its ``epochs`` cap and kept the checkpoint of its last epoch."""
+    cap = (record.get("settings") or {}).get("epochs")
+    trained, kept = record.get("epochs_trained"), record.get("best_epoch")
+    return None not in (cap, trained, kept) and trained >= cap and kept == trained
+
+
+def _epochs_cell(record) -> str:
+    """``kept / trained / cap`` epochs of a run (1-based; the kept checkpoint is the one evaluated on test)."""
+    if record.get("epochs_trained") is None:
+        return "—"  # recorded before this field existed
+    cap = (record.get("settings") or {}).get("epochs")
+    kept = record.get("best_epoch")
+    return f"{'—' if kept is None else kept} / {record['epochs_trained']} / {'—' if cap is None else cap}"
 
 
 def _write_figures(results_dir, figures, by_group):
@@ -968,6 +992,8 @@ def run_spec(spec: dict, results_dir, timeout=None) -> dict:
         **base,
         "best_valid_score": result.get("best_valid_score"),
         "best_valid_result": result.get("best_valid_result"),
+        "best_epoch": result.get("best_epoch"), "epochs_trained": result.get("epochs_trained"),
+        "valid_curve": result.get("valid_curve"),
         "valid": result.get("valid"), "test": result.get("test"),
         "run_dir": result.get("run_dir"), "aug_file": result.get("aug_file"),
         "run_s": child.get("run_s"), "train_eval_s": child.get("train_eval_s"),
@@ -1017,8 +1043,8 @@ def _child_main(job_path) -> int:
         settings = {k: cfg[k] for k in keys if k in cfg}
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     out = {
-        "result": {k: result.get(k) for k in ("best_valid_score", "best_valid_result", "valid", "test", "run_dir",
-                                              "aug_file")},
+        "result": {k: result.get(k) for k in ("best_valid_score", "best_valid_result", "best_epoch", "epochs_trained",
+                                              "valid_curve", "valid", "test", "run_dir", "aug_file")},
         "run_s": round(run_s, 2),
         "train_eval_s": round(run_s - (aug_s or 0.0), 2),
         "peak_rss_mb": round(_rss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1),

@@ -12,6 +12,7 @@ from recbole_llmser.config import Config, uses_llmser, uses_tslrec
 from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.evaluation import evaluate_split, format_results
+from recbole_llmser.trainer import kept_epoch
 from recbole_llmser.utils import atomic_write_json, atomic_write_text, get_model, get_trainer, unique_stem
 
 
@@ -106,8 +107,10 @@ def run_with_config(config, saved=True, dry_run=False):
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"], config)(config, model)
 
+    valid_curve = []  # (epoch_idx, validation score) of every validated epoch, for the record
     best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"]
+        train_data, valid_data, saved=saved, show_progress=config["show_progress"],
+        callback_fn=lambda epoch_idx, score: valid_curve.append((epoch_idx, float(score))),
     )
     if saved:
         trainer.load_model_file()
@@ -126,6 +129,9 @@ def run_with_config(config, saved=True, dry_run=False):
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": dict(best_valid_result or {}),
+        "best_epoch": kept_epoch(valid_curve, config["valid_metric_bigger"]),
+        "epochs_trained": len(trainer.train_loss_dict),
+        "valid_curve": [[epoch_idx + 1, round(score, 6)] for epoch_idx, score in valid_curve],
         "valid": valid_result,
         "test": test_result,
         "run_dir": str(run_dir),

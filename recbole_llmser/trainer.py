@@ -31,6 +31,18 @@ from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.utils import unique_stem
 
 
+def kept_epoch(valid_curve, bigger: bool = True):
+    """1-based epoch of the checkpoint RecBole's early stopping keeps: the last epoch whose validation score is at
+    least (``bigger``; at most otherwise) the best so far, as ``recbole.utils.early_stopping`` updates on ties.
+    ``valid_curve``: ``[(epoch_idx, score), ...]`` in training order, ``epoch_idx`` 0-based as RecBole logs it.
+    None when no epoch was validated."""
+    best, kept = None, None
+    for epoch_idx, score in valid_curve:
+        if best is None or (score >= best if bigger else score <= best):
+            best, kept = score, epoch_idx + 1
+    return kept
+
+
 class SequentialTrainer(Trainer):
     """RecBole ``Trainer`` for sequential models.
 

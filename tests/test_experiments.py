@@ -197,6 +197,19 @@ def test_report_maths_tables_and_plots_from_a_handmade_runs_file(tmp_path):
         ("SASRec", "llmser")][0][1]["overall"][0] == 0.2
 
 
+def test_runs_table_shows_kept_and_trained_epochs_and_names_runs_stopped_at_the_cap(tmp_path):
+    capped, early, old = (_record("SASRec", m, 42, 0.2) for m in ("none", "llmser", "x"))
+    for r, (kept, trained) in ((capped, (20, 20)), (early, (9, 14))):
+        r.update(best_epoch=kept, epochs_trained=trained, settings={**r["settings"], "epochs": 20})
+    for r in (capped, early, old):  # `old`: recorded before epochs were, shown as "—"
+        ex.append_jsonl(tmp_path / "runs.jsonl", r)
+    runs = ex.write_report(tmp_path, "cmd").read_text().split("## Runs")[1]
+    assert "| 20 / 20 / 20 |" in runs and "| 9 / 14 / 20 |" in runs and "| — |" in runs
+    assert "1 of 2 runs with a recorded kept epoch kept their last epoch at the `epochs` cap" in runs
+    assert capped["id"] in runs.split("cap, i.e.")[1] and early["id"] not in runs.split("cap, i.e.")[1]
+    assert not ex.stopped_at_cap({**capped, "best_epoch": 19}) and not ex.stopped_at_cap(old)
+
+
 def test_validation_chooses_the_row_with_the_best_mean_validation_ndcg():
     plain = [_record("SASRec", "none", s, 0.2) for s in (42, 43)]          # valid 0.1 (ndcg / 2)
     better_test = [_record("SASRec", "llmser", 42, 0.3)]                   # valid 0.15
@@ -245,6 +258,7 @@ def test_plan_runs_each_spec_once_and_resumes(tiny_data, tmp_cwd, capsys):
         assert r["valid"]["uni20"]["groups"] and r["best_valid_score"] is not None
         assert r["wall_s"] > 0 and r["cpu_s"] > 0 and r["peak_rss_mb"] > 50 and r["started"] <= r["finished"]
         assert r["settings"]["epochs"] == 1 and r["env"]["device_name"] == "cpu"
+        assert r["epochs_trained"] == 1 and r["best_epoch"] == 1 and len(r["valid_curve"]) == 1
     aug = by_method["llmser"]["aug"]
     assert aug["backend"] == "offline" and set(aug["timings_s"]) >= {"ccg", "snf", "arv", "total"}
     assert by_method["none"]["aug"] is None

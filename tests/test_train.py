@@ -10,7 +10,7 @@ from recbole_llmser.config import Config
 from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.evaluation import evaluate_split
 from recbole_llmser.quick_start import objective_function, run
-from recbole_llmser.trainer import SequentialTrainer
+from recbole_llmser.trainer import SequentialTrainer, kept_epoch
 from recbole_llmser.utils import get_model
 from tests.conftest import tiny_config_dict
 
@@ -43,6 +43,23 @@ def test_backbone_trains_and_evaluates(model, tiny_data, tmp_cwd):
         if path.is_file():
             assert b"sk-NEVER-WRITTEN" not in path.read_bytes(), path
     assert result["checkpoint"] and result["checkpoint"].startswith(str(out))
+    # one epoch (tiny_config_dict): validated once, and that epoch's checkpoint is the one kept
+    assert result["epochs_trained"] == 1 and result["best_epoch"] == 1 and len(result["valid_curve"]) == 1
+    assert result["valid_curve"][0][1] == pytest.approx(result["best_valid_score"], abs=1e-6)
+
+
+def test_kept_epoch_follows_recbole_early_stopping():
+    from recbole.utils import early_stopping
+
+    curves = [[0.1, 0.3, 0.2, 0.3, 0.25], [0.5, 0.4, 0.3], [0.2, 0.2], [0.1, 0.2, 0.3]]
+    for scores, bigger in [(c, b) for c in curves for b in (True, False)]:
+        best, step, kept = (float("-inf") if bigger else float("inf")), 0, None
+        for epoch_idx, score in enumerate(scores):
+            best, step, _, update = early_stopping(score, best, step, max_step=100, bigger=bigger)
+            kept = epoch_idx + 1 if update else kept
+        assert kept_epoch(list(enumerate(scores)), bigger) == kept, (scores, bigger)
+    assert kept_epoch([(0, 0.1), (1, 0.3), (2, 0.3), (3, 0.2)]) == 3  # a tie updates, as in RecBole
+    assert kept_epoch([]) is None
 
 
 def _tiny_setup(data, model="SASRec", **extra):
