@@ -62,8 +62,13 @@ def test_plan_expands_to_the_cartesian_product_with_stable_ids():
 def test_shipped_plans_are_valid_and_share_the_common_runs():
     plans = {p.stem: ex.load_plan(p) for p in sorted((REPO / "experiments").glob("*.yaml"))}
     assert {"beauty_main", "beauty_ablations", "fashion_ids", "smoke"} <= set(plans)
-    main = ex.unique_runs(ex.expand_plan(plans["beauty_main"]))
+    main_specs = ex.expand_plan(plans["beauty_main"])
+    main = [s for s in ex.unique_runs(main_specs) if s["group"] == "main"]
     assert len(main) == 3 * 2 * 3
+    # the epoch-cap tables reuse the main table's runs and add 60-epoch twins of the capped ones
+    capped = [s for s in main_specs if s["group"].startswith("epoch cap")]
+    assert {s["id"] for s in capped if "20 epochs" in s["label"]} <= {s["id"] for s in main}
+    assert {s["overrides"]["epochs"] for s in capped if "60" in s["label"]} == {60}
     abl = ex.expand_plan(plans["beauty_ablations"])
     # the paper-default LLMSeR and the plain SASRec runs are the main plan's runs (same ids: run once)
     assert len({s["id"] for s in main} & {s["id"] for s in abl}) == 6
