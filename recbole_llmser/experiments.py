@@ -36,7 +36,8 @@ Per results folder (``results/<dataset>/``):
   skipped on load);
 * ``failures.jsonl`` — one line per failed attempt (error, exit status, stderr tail); a failed run is retried the
   next time the plan runs;
-* ``plans/<plan name>.json`` — the expanded plan (which tables list which run);
+* ``plans/<plan name>.json`` — the expanded plan (which tables list which run), written when the plan runs and
+  with ``--report_only`` (so a plan whose groups or labels changed is laid out anew without running anything);
 * ``_work/logs/<id>.log`` — each run's stdout and stderr (``_work/`` also holds job files and the lock);
 * ``report.md`` and ``*.png`` — regenerated from ``runs.jsonl`` after every run and with ``--report_only``.
 
@@ -1141,6 +1142,7 @@ def run_plan(plan_path, dry_run=False, only=None, report_only=False, results_dir
     if report_only:
         for d in datasets:
             if dirs[d].is_dir():
+                record_plan(plan, [s for s in all_specs if s["dataset"] == d], dirs[d], command)
                 print(f"report: {write_report(dirs[d], report_cmd)}", file=out)
             else:
                 print(f"{dirs[d]}: no results yet", file=out)

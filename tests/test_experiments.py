@@ -281,6 +281,13 @@ def test_plan_runs_each_spec_once_and_resumes(tiny_data, tmp_cwd, capsys):
     (results / "report.md").unlink()
     assert ex.main([str(plan), "--report_only"]) == 0
     assert "--report_only" in (results / "report.md").read_text()
+    # ... with the plan's current layout: a new group and label (same runs, same ids) move the runs, nothing runs
+    _tiny_plan(tmp_cwd, data, [{"dataset": "tiny", "model": "SASRec", "method": ["none", "llmser"], "seeds": [42],
+                                "group": "ablation", "label": "relabelled"}])
+    assert ex.main([str(plan), "--report_only"]) == 0
+    report = (results / "report.md").read_text()
+    assert "## Ablations (SASRec)" in report and "| relabelled |" in report and "## Main results" not in report
+    assert len(ex.load_runs(results)[0]) == 2
 
 
 def test_a_failing_run_is_logged_and_the_plan_continues(tiny_data, tmp_cwd, capsys):
