@@ -129,7 +129,7 @@ def run_with_config(config, saved=True, dry_run=False):
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": dict(best_valid_result or {}),
-        "best_epoch": kept_epoch(valid_curve, config["valid_metric_bigger"]),
+        "best_epoch": kept_epoch(valid_curve, trainer.cur_step),
         "epochs_trained": len(trainer.train_loss_dict),
         "valid_curve": [[epoch_idx + 1, round(score, 6)] for epoch_idx, score in valid_curve],
         "valid": valid_result,

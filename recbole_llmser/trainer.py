@@ -31,16 +31,15 @@ from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.utils import unique_stem
 
 
-def kept_epoch(valid_curve, bigger: bool = True):
-    """1-based epoch of the checkpoint RecBole's early stopping keeps: the last epoch whose validation score is at
-    least (``bigger``; at most otherwise) the best so far, as ``recbole.utils.early_stopping`` updates on ties.
-    ``valid_curve``: ``[(epoch_idx, score), ...]`` in training order, ``epoch_idx`` 0-based as RecBole logs it.
-    None when no epoch was validated."""
-    best, kept = None, None
-    for epoch_idx, score in valid_curve:
-        if best is None or (score >= best if bigger else score <= best):
-            best, kept = score, epoch_idx + 1
-    return kept
+def kept_epoch(valid_curve, cur_step: int):
+    """1-based epoch of the checkpoint the trainer kept. RecBole's early stopping counts in the trainer's
+    ``cur_step`` the validations since the best score last changed, so the kept epoch is the validated epoch
+    ``cur_step`` places before the last one (as RecBole's own "best eval result in epoch" message computes it).
+    ``valid_curve``: ``[(epoch_idx, score), ...]`` of the validated epochs in order, ``epoch_idx`` 0-based as RecBole
+    logs it. None when no epoch was validated, or when the kept one precedes the curve (a resumed run)."""
+    if cur_step >= len(valid_curve):
+        return None
+    return valid_curve[-1 - cur_step][0] + 1
 
 
 class SequentialTrainer(Trainer):

@@ -51,15 +51,21 @@ def test_backbone_trains_and_evaluates(model, tiny_data, tmp_cwd):
 def test_kept_epoch_follows_recbole_early_stopping():
     from recbole.utils import early_stopping
 
-    curves = [[0.1, 0.3, 0.2, 0.3, 0.25], [0.5, 0.4, 0.3], [0.2, 0.2], [0.1, 0.2, 0.3]]
-    for scores, bigger in [(c, b) for c in curves for b in (True, False)]:
+    def replay(scores, bigger=True):  # what Trainer.fit does at each validation: (epoch kept, final cur_step)
         best, step, kept = (float("-inf") if bigger else float("inf")), 0, None
         for epoch_idx, score in enumerate(scores):
             best, step, _, update = early_stopping(score, best, step, max_step=100, bigger=bigger)
             kept = epoch_idx + 1 if update else kept
-        assert kept_epoch(list(enumerate(scores)), bigger) == kept, (scores, bigger)
-    assert kept_epoch([(0, 0.1), (1, 0.3), (2, 0.3), (3, 0.2)]) == 3  # a tie updates, as in RecBole
-    assert kept_epoch([]) is None
+        return kept, step
+
+    curves = [[0.1, 0.3, 0.2, 0.3, 0.25], [0.5, 0.4, 0.3], [0.2, 0.2], [0.1, 0.2, 0.3]]
+    for scores, bigger in [(c, b) for c in curves for b in (True, False)]:
+        kept, step = replay(scores, bigger)
+        assert kept_epoch(list(enumerate(scores)), step) == kept, (scores, bigger)
+    tie = [0.1, 0.3, 0.3, 0.2]
+    assert kept_epoch(list(enumerate(tie)), replay(tie)[1]) == 3  # a tie updates, as in RecBole
+    assert kept_epoch([], 0) is None
+    assert kept_epoch([(5, 0.2)], 3) is None  # resumed: the kept epoch was validated before this process
 
 
 def _tiny_setup(data, model="SASRec", **extra):
