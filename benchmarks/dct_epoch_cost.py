@@ -3,6 +3,8 @@
 Variants (each in its own process, so peak memory is its own; same seed, same model initialisation):
 
 * ``plain``       RecBole's own ``Trainer`` on RecBole's rows (the reference: ratio 1.0);
+* ``plain_ours``  this package's ``SequentialTrainer`` on the same rows (differs from ``plain`` for BERT4Rec only:
+  its loss scores the real mask slots only), not in the default list;
 * ``exact``       DCT, ``dct_mode: exact`` (all-positions path for SASRec / GRU4Rec);
 * ``exact_rows``  DCT exact through per-row losses (``dct_all_positions: off``), not in the default list;
 * ``sample``      DCT, ``dct_mode: sample`` (``aug_targets: all``);
@@ -35,6 +37,7 @@ from pathlib import Path
 
 VARIANTS = {
     "plain": {},
+    "plain_ours": {"method": "none"},
     "exact": {"method": "llmser", "dct_mode": "exact"},
     "exact_rows": {"method": "llmser", "dct_mode": "exact", "dct_all_positions": "off"},
     "sample": {"method": "llmser", "dct_mode": "sample"},

@@ -254,22 +254,29 @@ def is_bert4rec(model) -> bool:
 
 def bert4rec_weighted_loss(model, interaction, weight: torch.Tensor, reduction: str) -> torch.Tensor:
     """BERT4Rec's masked-item loss with a weight per row (module docstring); the maths of
-    ``BERT4Rec.calculate_loss`` with the row weights applied to each masked position."""
+    ``BERT4Rec.calculate_loss`` with the row weights applied to each masked position.
+
+    Only the masked positions of rows with a weight > 0 are scored: RecBole pads every row to
+    ``mask_ratio × MAX_ITEM_LIST_LENGTH`` mask slots and scores each slot against every item, though on short
+    sequences most slots are padding (about 9 in 10 on amazon-beauty), which zero-weighted them anyway. With every
+    weight 1 and ``mean`` this is RecBole's loss (the plain trainer uses it too, see ``SequentialTrainer``)."""
     masked_seq = interaction[model.MASK_ITEM_SEQ]
     masked_index = interaction[model.MASK_INDEX]            # [B, mask_len], 0 = no mask (RecBole's convention)
     pos_items = interaction[model.POS_ITEMS]
     hidden = model.forward(masked_seq)                      # [B, L, H]
-    hidden = hidden.gather(1, masked_index.unsqueeze(-1).expand(-1, -1, hidden.size(-1)))  # [B, mask_len, H]
+    position_weight = (masked_index > 0).to(hidden.dtype) * weight.to(hidden.dtype).unsqueeze(1)
+    rows, slots = position_weight.nonzero(as_tuple=True)    # the P positions that count
+    hidden = hidden[rows, masked_index[rows, slots]]        # [P, H]
+    targets = pos_items[rows, slots]
     if model.loss_type == "BPR":
-        neg_items = interaction[model.NEG_ITEMS]
-        pos = (hidden * model.item_embedding(pos_items)).sum(-1) + model.output_bias[pos_items]
-        neg = (hidden * model.item_embedding(neg_items)).sum(-1) + model.output_bias[neg_items]
+        negatives = interaction[model.NEG_ITEMS][rows, slots]
+        pos = (hidden * model.item_embedding(targets)).sum(-1) + model.output_bias[targets]
+        neg = (hidden * model.item_embedding(negatives)).sum(-1) + model.output_bias[negatives]
         loss = -torch.log(1e-14 + torch.sigmoid(pos - neg))
     else:
         logits = hidden @ model.item_embedding.weight[: model.n_items].T + model.output_bias
-        loss = F.cross_entropy(logits.flatten(0, 1), pos_items.flatten(), reduction="none").view_as(pos_items)
-    position_weight = (masked_index > 0).to(loss.dtype) * weight.to(loss.dtype).unsqueeze(1)
-    return weighted_reduce(loss, position_weight, reduction)
+        loss = F.cross_entropy(logits, targets, reduction="none")
+    return weighted_reduce(loss, position_weight[rows, slots], reduction)
 
 
 # ----- all positions --------------------------------------------------------------------------------------

@@ -424,6 +424,33 @@ def _grads(net, loss):
     return {k: p.grad.clone() for k, p in net.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("loss_type", ["CE", "BPR"])
+def test_plain_bert4rec_trains_on_recboles_loss_over_real_mask_slots(tiny_data, tmp_cwd, loss_type):
+    data, _ = tiny_data
+    config = _config(data, "BERT4Rec", MAX_ITEM_LIST_LENGTH=10, mask_ratio=0.5, loss_type=loss_type,
+                     train_batch_size=4096)
+    _, (train, _, _) = _build(config)
+    torch.manual_seed(0)
+    net = get_model("BERT4Rec")(config, train._dataset)
+    trainer = get_trainer(config["MODEL_TYPE"], "BERT4Rec", config)(config, net)
+    assert isinstance(trainer, SequentialTrainer) and not isinstance(trainer, DualChannelTrainer)
+    net.eval()
+    random.seed(5)
+    batch = _one_batch(train)
+    assert ((batch[net.MASK_INDEX] == 0).sum(1) > 0).any()  # padding mask slots, which RecBole scores too
+    ours, theirs = trainer._bert4rec_loss(batch), net.calculate_loss(batch)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    grads_ours, grads_theirs = _grads(net, ours), _grads(net, theirs)
+    assert grads_ours.keys() == grads_theirs.keys()
+    for k in grads_ours:
+        assert torch.allclose(grads_ours[k], grads_theirs[k], atol=1e-6, rtol=1e-4), k
+    # an epoch trains through it, never through RecBole's calculate_loss
+    net.train()
+    net.calculate_loss = lambda interaction: pytest.fail("RecBole's calculate_loss was called")
+    loss = trainer._train_epoch(train, 0)
+    assert np.isfinite(loss)
+
+
 @pytest.mark.parametrize("all_positions", ["off", "auto"])
 def test_zero_weights_give_plain_training_gradients(tiny_data, tmp_cwd, all_positions):
     data, sequences = tiny_data
