@@ -353,3 +353,25 @@ def test_two_runners_never_share_a_results_folder(tmp_path):
                 pass
     with ex._DirLock(tmp_path):  # released
         pass
+
+
+def test_items_above_target_reads_a_finished_run(tiny_data, tmp_cwd, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from recbole_llmser.quick_start import run
+    from tests.conftest import tiny_config_dict
+
+    data, sequences = tiny_data
+    result = run("SASRec", "tiny", config_dict=tiny_config_dict(data), cmd_args=[])
+    script = Path(__file__).resolve().parents[1] / "experiments" / "items_above_target.py"
+    spec = importlib.util.spec_from_file_location("items_above_target", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    capsys.readouterr()
+    module.main([result["run_dir"], "--min_len", "1", "--max_above", "1000"])
+    out = capsys.readouterr().out
+    top10 = float(out.split("top 10: ")[1].split()[0])
+    # the same checkpoint, re-evaluated: HR@10 of users with >= 1 training item under full ranking
+    assert top10 == pytest.approx(result["test"]["full"]["overall"]["hit@10"], abs=1e-3)
+    assert "items most often above the target" in out and "item " in out

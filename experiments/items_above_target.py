@@ -1,0 +1,84 @@
+"""Which items a trained run ranks above the test item, for the users of one length group (README, Results,
+amazon-fashion-ids ablations). Loads a run folder written by ``run_recbole_llmser.py`` (its ``config.yaml``, its
+checkpoint and, for LLMSeR runs, the artifact it names), re-evaluates the test split under full ranking on the CPU
+and prints the group's rank distribution, the items most often above the test item and, for LLMSeR runs, how many
+users have each of them as a pseudo item.
+
+    python experiments/items_above_target.py saved/amazon-fashion-ids/<run folder> [--min_len 4] [--max_above 20]
+
+The run's data folder must still hold its dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from recbole_llmser.compat import load_checkpoint
+from recbole_llmser.config import Config
+from recbole_llmser.data import create_dataset, data_preparation
+from recbole_llmser.utils import get_model
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--min_len", type=int, default=4, help="users with at least this many training items")
+    parser.add_argument("--max_above", type=int, default=20, help="count items above the target for users whose "
+                        "target has 1..max_above items above it")
+    args = parser.parse_args(argv)
+
+    saved = yaml.safe_load((args.run_dir / "config.yaml").read_text())
+    # the run's configuration (its config.yaml) on the CPU, less what RecBole derives from it again
+    derived = {"train_neg_sample_args", "valid_neg_sample_args", "test_neg_sample_args", "eval_type", "MODEL_TYPE",
+               "MODEL_INPUT_TYPE", "single_spec", "local_rank", "device", "checkpoint_dir"}
+    settings = {k: v for k, v in saved.items() if k not in derived}
+    settings.update(device="cpu", use_gpu=False, show_progress=False,
+                    data_path=str(Path(saved["data_path"]).parent))  # RecBole stored <data_path>/<dataset>
+    config = Config(model=saved["model"], dataset=saved["dataset"], config_dict=settings)
+    dataset = create_dataset(config)
+    train_data, _, test_data = data_preparation(config, dataset)
+    model = get_model(config["model"])(config, train_data._dataset)
+    checkpoint = next(args.run_dir.glob("*.pth"))
+    model.load_state_dict(load_checkpoint(checkpoint, "cpu")["state_dict"])
+    model.eval()
+
+    inter = test_data._dataset.inter_feat
+    users = inter[dataset.uid_field].numpy()
+    rows = np.flatnonzero(dataset.user_train_len[users] >= args.min_len)
+    above_counts, n_above = Counter(), []
+    with torch.no_grad():
+        for start in range(0, len(rows), 256):
+            batch = inter[torch.as_tensor(rows[start:start + 256])]
+            scores = model.full_sort_predict(batch).view(len(batch), -1)
+            scores[:, 0] = -torch.inf
+            target = scores.gather(1, batch[dataset.iid_field].view(-1, 1))
+            for row_scores, t in zip(scores, target):
+                above = torch.nonzero(row_scores > t).flatten().tolist()
+                n_above.append(len(above))
+                if 0 < len(above) <= args.max_above:
+                    above_counts.update(above)
+    n_above = np.asarray(n_above)
+    print(f"{args.run_dir.name}: {len(rows)} test users with >= {args.min_len} training items; "
+          f"target at rank 1: {np.mean(n_above == 0):.3f}, top 5: {np.mean(n_above < 5):.3f}, "
+          f"top 10: {np.mean(n_above < 10):.3f}")
+
+    pseudo = Counter()
+    if saved.get("aug_file"):
+        with open(saved["aug_file"], encoding="utf-8") as f:
+            for line in f:
+                pseudo.update(json.loads(line)["pseudo_items"])
+        print(f"artifact {saved['aug_file']}: {len(pseudo)} distinct pseudo items")
+    print(f"items most often above the target (users with 1..{args.max_above} items above it):")
+    for item, n in above_counts.most_common(8):
+        token = dataset.id2token(dataset.iid_field, item)
+        print(f"  item {token}: above the target for {n} users; pseudo item of {pseudo[token]} users")
+
+
+if __name__ == "__main__":
+    main()
