@@ -25,6 +25,7 @@ from recbole_llmser.config import Config
 from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.utils import get_model
 
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
