@@ -1,8 +1,8 @@
 """Which items a trained run ranks above the test item, for the users of one length group (README, Results,
 amazon-fashion-ids ablations). Loads a run folder written by ``run_recbole_llmser.py`` (its ``config.yaml``, its
 checkpoint and, for LLMSeR runs, the artifact it names), re-evaluates the test split under full ranking on the CPU
-and prints the group's rank distribution, the items most often above the test item and, for LLMSeR runs, how many
-users have each of them as a pseudo item.
+and prints the group's rank distribution, its most common test item and item set, the items most often above the
+test item and, for LLMSeR runs, how many users have each of them as a pseudo item.
 
     python experiments/items_above_target.py saved/amazon-fashion-ids/<run folder> [--min_len 4] [--max_above 20]
 
@@ -68,6 +68,14 @@ def main(argv=None):
     print(f"{args.run_dir.name}: {len(rows)} test users with >= {args.min_len} training items; "
           f"target at rank 1: {np.mean(n_above == 0):.3f}, top 5: {np.mean(n_above < 5):.3f}, "
           f"top 10: {np.mean(n_above < 10):.3f}")
+
+    group_users = users[rows]
+    targets = Counter(inter[dataset.iid_field].numpy()[rows].tolist())
+    item_sets = Counter(tuple(dataset.user_items[u].tolist()) for u in group_users)
+    (target, n_target), (item_set, n_set) = targets.most_common(1)[0], item_sets.most_common(1)[0]
+    tokens = [dataset.id2token(dataset.iid_field, i) for i in item_set]
+    print(f"most common test item: {dataset.id2token(dataset.iid_field, target)} ({n_target} users); most common "
+          f"set of items interacted with: {n_set} users share {{{', '.join(tokens[:10])}{', ...' if len(tokens) > 10 else ''}}}")
 
     pseudo = Counter()
     if saved.get("aug_file"):
