@@ -12,7 +12,6 @@ The run's data folder must still hold its dataset.
 from __future__ import annotations
 
 import argparse
-import json
 from collections import Counter
 from pathlib import Path
 
@@ -23,6 +22,8 @@ import yaml
 from recbole_llmser.compat import load_checkpoint
 from recbole_llmser.config import Config
 from recbole_llmser.data import create_dataset, data_preparation
+from recbole_llmser.data.dataset import read_augmentation
+from recbole_llmser.evaluation import ranks_from_scores
 from recbole_llmser.utils import get_model
 
 
@@ -58,13 +59,13 @@ def main(argv=None):
             batch = inter[torch.as_tensor(rows[start:start + 256])]
             scores = model.full_sort_predict(batch).view(len(batch), -1)
             scores[:, 0] = -torch.inf
-            target = scores.gather(1, batch[dataset.iid_field].view(-1, 1))
+            target = scores.gather(1, batch[dataset.iid_field].view(-1, 1)).squeeze(1)
+            n_above.append(ranks_from_scores(scores, target).numpy())  # 0-based ranks, as the evaluation counts them
             for row_scores, t in zip(scores, target):
                 above = torch.nonzero(row_scores > t).flatten().tolist()
-                n_above.append(len(above))
                 if 0 < len(above) <= args.max_above:
                     above_counts.update(above)
-    n_above = np.asarray(n_above)
+    n_above = np.concatenate(n_above)
     print(f"{args.run_dir.name}: {len(rows)} test users with >= {args.min_len} training items; "
           f"target at rank 1: {np.mean(n_above == 0):.3f}, top 5: {np.mean(n_above < 5):.3f}, "
           f"top 10: {np.mean(n_above < 10):.3f}")
@@ -79,14 +80,15 @@ def main(argv=None):
 
     pseudo = Counter()
     if saved.get("aug_file"):
-        with open(saved["aug_file"], encoding="utf-8") as f:
-            for line in f:
-                pseudo.update(json.loads(line)["pseudo_items"])
+        augmentation = read_augmentation(saved["aug_file"], dataset.field2token_id[dataset.uid_field],
+                                         dataset.field2token_id[dataset.iid_field], dataset.user_num)
+        for ids in augmentation.pseudo.values():
+            pseudo.update(ids.tolist())
         print(f"artifact {saved['aug_file']}: {len(pseudo)} distinct pseudo items")
     print(f"items most often above the target (users with 1..{args.max_above} items above it):")
     for item, n in above_counts.most_common(8):
         token = dataset.id2token(dataset.iid_field, item)
-        print(f"  item {token}: above the target for {n} users; pseudo item of {pseudo[token]} users")
+        print(f"  item {token}: above the target for {n} users; pseudo item of {pseudo[item]} users")
 
 
 if __name__ == "__main__":
