@@ -116,7 +116,8 @@ class Config(ConfigCompatMixin, RecBoleConfig):
             if name in cmd and cmd[name] != value:
                 raise LLMSeRError(f"--{name} is given twice with different values ({cmd[name]!r}, {value!r})")
             cmd[name] = value
-        return self._convert_config_dict(cmd)
+        cmd = self._convert_config_dict(cmd)
+        return {k: None if v == "~" else v for k, v in cmd.items()}  # '~' is null, as in the property files
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:
@@ -260,6 +261,12 @@ def _optional_str(key, v):
     _check(v is None or (isinstance(v, str) and v), key, v, "a field name or ~ (none)")
 
 
+def _run_name(key, v):
+    ok = v is None or (isinstance(v, str) and v.strip() == v and v not in ("", ".", "..")
+                       and "/" not in v and "\\" not in v)
+    _check(ok, key, v, "a folder name (no path separators) or ~ (a new folder per run)")
+
+
 def _method(key, v):
     _check(v in METHODS, key, v, "one of " + ", ".join(METHODS))
 
@@ -369,6 +376,7 @@ VALIDATORS = {
     "group_bounds": _group_bounds,
     "item_text_field": _optional_str,
     "method": _method,
+    "run_name": _run_name,
     "stage": lambda k, v: _check(v in STAGES, k, v, "one of " + ", ".join(STAGES)),
     **AUG_VALIDATORS,
     **TSL_VALIDATORS,

@@ -43,7 +43,11 @@ Per results folder (``results/<dataset>/``):
 
 Each run calls :func:`recbole_llmser.quick_start.run` in a fresh Python process (a crash or an OOM kill does not
 stop the plan) in the current working directory; its peak resident memory is the ``ru_maxrss`` that ``wait4``
-reports for that process (it includes the process's own children).
+reports for that process (it includes the process's own children). Each run trains in the folder
+``<checkpoint_dir>/<dataset>/<model>-<method>-<id>/`` (``run_name``), so a run that was stopped part-way (Ctrl-C,
+``timeout_s``, a lost machine) continues from its last validated epoch the next time the plan runs, and ends as it
+would have without the stop; its record has ``resumed_at_epoch``, and its wall and CPU times, which cover only the
+last attempt, are left out of the cost table.
 """
 
 from __future__ import annotations
@@ -85,6 +89,10 @@ NON_SEMANTIC_KEYS = frozenset({
 RUNNER_DEFAULTS = {"show_progress": False}
 #: The spec axes: set by the entry's fields, never through overrides.
 AXES = ("dataset", "model", "method", "seed")
+#: Set by the runner for every run, never by a plan: each run trains in the folder ``<model>-<method>-<id>``
+#: under ``<checkpoint_dir>/<dataset>/``, so a run that was stopped (Ctrl-C, timeout, a lost machine) resumes
+#: from its last validated epoch the next time the plan runs.
+RUNNER_KEYS = ("run_name",)
 PLAN_KEYS = {"name", "results_dir", "common", "runs", "timeout_s", "description"}
 ENTRY_KEYS = {"dataset", "model", "models", "method", "methods", "seeds", "seed", "overrides", "label", "group", "x"}
 #: Effective properties copied from the run's config.yaml into its runs.jsonl record (plus every overridden key).
@@ -150,6 +158,11 @@ def validate_plan(plan: dict, where: str = "plan") -> None:
     bad_common = set(plan.get("common") or {}) & set(AXES)
     if bad_common:
         raise LLMSeRError(f"{where}: 'common' may not set {sorted(bad_common)}; they are the run axes of each entry")
+    runner_set = set(plan.get("common") or {}) | {k for e in plan.get("runs") or [] if isinstance(e, dict)
+                                                    and isinstance(e.get("overrides"), dict) for k in e["overrides"]}
+    if runner_set & set(RUNNER_KEYS):
+        raise LLMSeRError(f"{where}: a plan may not set {sorted(runner_set & set(RUNNER_KEYS))}; the runner names "
+                          "each run's folder <model>-<method>-<id>")
     timeout = plan.get("timeout_s")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise LLMSeRError(f"{where}: 'timeout_s' must be a positive number of seconds or ~")
@@ -215,7 +228,8 @@ def expand_plan(plan: dict) -> list:
             for method in methods:
                 for seed in seeds:
                     sid = spec_id(entry["dataset"], model, method, seed, overrides)
-                    config_dict = {**RUNNER_DEFAULTS, **overrides, "seed": int(seed), "method": method}
+                    config_dict = {**RUNNER_DEFAULTS, **overrides, "seed": int(seed), "method": method,
+                                   "run_name": f"{model}-{method}-{sid}"}
                     label = entry.get("label")
                     specs.append({
                         "id": sid, "dataset": entry["dataset"], "model": model, "method": method, "seed": int(seed),
@@ -602,6 +616,7 @@ def cost_table(entries):
     rows = []
     for (model, method, _), group in by_key.items():
         rs = _records(group)
+        whole = [r for r in rs if not r.get("resumed_at_epoch")]  # a resumed run's times cover its last attempt
         label = next((e[2] for e in group if e[2]), f"{model} {method}")
         augs = [r.get("aug") or {} for r in rs]
         t = lambda k: [a.get("timings_s", {}).get(k) for a in augs]  # noqa: E731
@@ -610,8 +625,8 @@ def cost_table(entries):
         gpu = [r.get("peak_gpu_mb") for r in rs]
         rows.append([
             label, model, method, len(rs), ", ".join(backends) or "—",
-            _num(t("ccg")), _num(t("snf")), _num(t("arv")), _num([r.get("train_eval_s") for r in rs]),
-            _num([r.get("wall_s") for r in rs]), _num([r.get("cpu_s") for r in rs]),
+            _num(t("ccg")), _num(t("snf")), _num(t("arv")), _num([r.get("train_eval_s") for r in whole]),
+            _num([r.get("wall_s") for r in whole]), _num([r.get("cpu_s") for r in whole]),
             _num([x.get("calls") for x in llm], 0) if any(llm) else "—",
             _num([x.get("prompt_tokens") for x in llm], 0) if any(llm) else "—",
             _num([x.get("completion_tokens") for x in llm], 0) if any(llm) else "—",
@@ -798,8 +813,9 @@ def write_report(results_dir, command=None) -> Path:
                 "the run that made it, and that run's wall time includes them; `artifact reused` counts such runs). "
                 "`train+eval s`: the run minus the augmentation it computed (data loading, training, evaluation). "
                 "`wall s`: the whole process. `CPU s`: its user + system CPU time (with its children; unlike wall "
-                "time it does not grow while the machine runs other jobs). Peak RSS: `ru_maxrss` of the run's process (with its children); peak "
-                "GPU: `torch.cuda.max_memory_allocated`.", "", cost_table(entries), ""]
+                "time it does not grow while the machine runs other jobs); a run resumed after a stop is left out "
+                "of these three (its times cover only its last attempt). Peak RSS: `ru_maxrss` of the run's process "
+                "(with its children); peak GPU: `torch.cuda.max_memory_allocated`.", "", cost_table(entries), ""]
         devices = Counter((r.get("env") or {}).get("device_name") or "?" for r in in_tables)
         out += ["Devices: " + ", ".join(f"{d} ({n} runs)" for d, n in devices.items()) + ".", ""]
 
@@ -994,6 +1010,7 @@ def run_spec(spec: dict, results_dir, timeout=None) -> dict:
         "best_valid_score": result.get("best_valid_score"),
         "best_valid_result": result.get("best_valid_result"),
         "best_epoch": result.get("best_epoch"), "epochs_trained": result.get("epochs_trained"),
+        "resumed_at_epoch": result.get("resumed_at_epoch"),
         "valid_curve": result.get("valid_curve"),
         "valid": result.get("valid"), "test": result.get("test"),
         "run_dir": result.get("run_dir"), "aug_file": result.get("aug_file"),
@@ -1045,7 +1062,8 @@ def _child_main(job_path) -> int:
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     out = {
         "result": {k: result.get(k) for k in ("best_valid_score", "best_valid_result", "best_epoch", "epochs_trained",
-                                              "valid_curve", "valid", "test", "run_dir", "aug_file")},
+                                              "resumed_at_epoch", "valid_curve", "valid", "test", "run_dir",
+                                              "aug_file")},
         "run_s": round(run_s, 2),
         "train_eval_s": round(run_s - (aug_s or 0.0), 2),
         "peak_rss_mb": round(_rss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1),

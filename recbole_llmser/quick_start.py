@@ -13,6 +13,8 @@ from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.evaluation import evaluate_split, format_results
 from recbole_llmser.trainer import kept_epoch
+
+CONFIG, RESULTS, TRAIN_STATE = "config.yaml", "results.json", "train_state.pth"
 from recbole_llmser.utils import atomic_write_json, atomic_write_text, get_model, get_trainer, unique_stem
 
 
@@ -30,10 +32,37 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     return run_with_config(config, saved=saved, dry_run=dry_run)
 
 
+#: Keys that may differ between an interrupted run and its resumption (they do not change what is trained).
+RESUME_FREE_KEYS = frozenset({"show_progress", "state", "gpu_id", "use_gpu", "device", "worker", "log_wandb",
+                              "checkpoint_dir"})
+
+
 def _make_run_dir(config) -> Path:
+    """The run's folder: a new ``<model>-<method>-<time>-<random>`` one, or ``run_name``'s (see ``_named_run_dir``)."""
     base = Path(config["checkpoint_dir"]).resolve() / config["dataset"]
+    if config["run_name"]:
+        return _named_run_dir(base / config["run_name"], config)
     run_dir = base / unique_stem(config["model"], config["method"])
     run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+def _named_run_dir(run_dir: Path, config) -> Path:
+    """A named run folder: created when absent; one that holds an unfinished run (``train_state.pth``) is resumed
+    when its ``config.yaml`` matches this run's; one that holds a finished run (``results.json``) is refused."""
+    if (run_dir / RESULTS).is_file():
+        raise LLMSeRError(f"run folder {run_dir} holds a finished run ({RESULTS}); delete it or choose another "
+                          "run_name")
+    if (run_dir / TRAIN_STATE).is_file():
+        before = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}
+        now = yaml.safe_load(yaml.safe_dump(config.to_dict()))
+        changed = sorted(k for k in set(before) | set(now)
+                         if k not in RESUME_FREE_KEYS and before.get(k) != now.get(k))
+        if changed:
+            raise LLMSeRError(f"run folder {run_dir} holds an unfinished run with other settings "
+                              f"({', '.join(changed)}); resume it with its own settings, or delete it or choose "
+                              "another run_name")
+    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -96,7 +125,9 @@ def run_with_config(config, saved=True, dry_run=False):
 
     run_dir = _make_run_dir(config)  # only once the data loaded: a bad dataset leaves no empty run folder
     config["checkpoint_dir"] = str(run_dir)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    resuming = (run_dir / TRAIN_STATE).is_file()
+    if not resuming:
+        atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
@@ -107,11 +138,9 @@ def run_with_config(config, saved=True, dry_run=False):
     logger.info(model)
     trainer = get_trainer(config["MODEL_TYPE"], config["model"], config)(config, model)
 
-    valid_curve = []  # (epoch_idx, validation score) of every validated epoch, for the record
-    best_valid_score, best_valid_result = trainer.fit(
-        train_data, valid_data, saved=saved, show_progress=config["show_progress"],
-        callback_fn=lambda epoch_idx, score: valid_curve.append((epoch_idx, float(score))),
-    )
+    trainer.train_state_file = str(run_dir / TRAIN_STATE)  # every run can be resumed: see run_name
+    best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, saved=saved,
+                                                      show_progress=config["show_progress"])
     if saved:
         trainer.load_model_file()
 
@@ -129,9 +158,10 @@ def run_with_config(config, saved=True, dry_run=False):
         "best_valid_score": best_valid_score,
         "valid_score_bigger": config["valid_metric_bigger"],
         "best_valid_result": dict(best_valid_result or {}),
-        "best_epoch": kept_epoch(valid_curve, trainer.cur_step),
+        "best_epoch": kept_epoch(trainer.valid_curve, trainer.cur_step),
         "epochs_trained": len(trainer.train_loss_dict),
-        "valid_curve": [[epoch_idx + 1, round(score, 6)] for epoch_idx, score in valid_curve],
+        "resumed_at_epoch": None if trainer.resumed_from is None else trainer.resumed_from + 1,
+        "valid_curve": [[epoch_idx + 1, round(score, 6)] for epoch_idx, score in trainer.valid_curve],
         "valid": valid_result,
         "test": test_result,
         "run_dir": str(run_dir),
@@ -139,7 +169,8 @@ def run_with_config(config, saved=True, dry_run=False):
         "aug_file": config["aug_file"],
         "tsl_embedding_file": config["tsl_embedding_file"],
     }
-    atomic_write_json(run_dir / "results.json", result)
+    atomic_write_json(run_dir / RESULTS, result)
+    (run_dir / TRAIN_STATE).unlink(missing_ok=True)  # finished: nothing left to resume
     logger.info(set_color("outputs", "blue") + f": {run_dir} (results.json, config.yaml"
                 + (f", {Path(trainer.saved_model_file).name})" if saved else ")"))
     return result

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import random
 
 import numpy as np
 import torch
@@ -28,7 +29,10 @@ from recbole_llmser.dct import (
     uses_all_positions,
 )
 from recbole_llmser.errors import LLMSeRError
-from recbole_llmser.utils import unique_stem
+from recbole_llmser.utils import atomic_file, unique_stem
+
+#: Format tag of the training-state file (``train_state.pth``) a resumable run writes after every validated epoch.
+TRAIN_STATE_FORMAT = "recbole_llmser.train_state/1"
 
 
 def kept_epoch(valid_curve, cur_step: int):
@@ -48,6 +52,12 @@ class SequentialTrainer(Trainer):
     * ``saved_model_file`` is ``<checkpoint_dir>/<model>-<dataset>-<date-time-microseconds>-<random>.pth``:
       RecBole's own name has one-second resolution, so two models saved in one second overwrite each other.
     * Checkpoints (which pickle the Config) load with ``weights_only=False``; only files this trainer wrote.
+    * With ``train_state_file`` set, ``fit`` writes that file (atomically) after every validated epoch: weights,
+      optimizer, early-stopping counters, losses, the validation curve and every random-number state training
+      uses; when the file exists at the start of ``fit``, training continues from it and ends as the uninterrupted
+      run would (same batches, same numbers on the same machine). ``valid_curve`` holds ``(epoch_idx, score)`` of
+      every validated epoch (RecBole's 0-based ``epoch_idx``), ``resumed_from`` the epoch index a resumed run
+      restarted at (``None`` otherwise).
     * BERT4Rec (with RecBole's ``calculate_loss``) trains on :func:`~recbole_llmser.dct.bert4rec_weighted_loss`
       with every weight 1: RecBole's loss, scoring only the real masked positions (0.64x RecBole's epoch time on
       amazon-beauty, ``benchmarks/dct_epoch_cost.py --model=BERT4Rec``).
@@ -57,6 +67,92 @@ class SequentialTrainer(Trainer):
         super().__init__(config, model)
         stem = unique_stem(config["model"], config["dataset"])
         self.saved_model_file = os.path.join(self.checkpoint_dir, f"{stem}.pth")
+        self.train_state_file = None
+        self.valid_curve = []
+        self.resumed_from = None
+
+    def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
+        """RecBole's ``fit``, resumable through ``train_state_file`` (see the class)."""
+        state_file = self.train_state_file
+        if state_file and os.path.isfile(state_file) and self._restore_train_state(state_file, train_data):
+            return self.best_valid_score, self.best_valid_result  # the interrupted run had finished training
+
+        def after_validation(epoch_idx, valid_score):
+            self.valid_curve.append((epoch_idx, float(valid_score)))
+            if callback_fn:
+                callback_fn(epoch_idx, valid_score)
+            if state_file:
+                self._save_train_state(state_file, epoch_idx, train_data)
+
+        return super().fit(train_data, valid_data, verbose=verbose, saved=saved, show_progress=show_progress,
+                           callback_fn=after_validation)
+
+    def _train_generators(self, train_data):
+        """The torch generators that shuffle training batches (their states are part of the training state)."""
+        return [train_data.generator]
+
+    def _save_train_state(self, path, epoch_idx, train_data):
+        numpy_state = np.random.get_state()
+        state = {
+            "format": TRAIN_STATE_FORMAT,
+            "model": self.config["model"],
+            "epoch": epoch_idx,
+            "cur_step": self.cur_step,
+            "stopped": self.cur_step > self.stopping_step,  # RecBole's early_stopping stops past stopping_step
+            "best_valid_score": float(self.best_valid_score),
+            "best_valid_result": {k: float(v) for k, v in (self.best_valid_result or {}).items()},
+            "train_loss_dict": {int(k): float(v) for k, v in self.train_loss_dict.items()},
+            "valid_curve": [[int(e), float(v)] for e, v in self.valid_curve],
+            "saved_model_file": os.path.basename(self.saved_model_file),
+            "state_dict": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+                "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+                "python": random.getstate(),
+                "loaders": [g.get_state() for g in self._train_generators(train_data)],
+            },
+        }
+        with atomic_file(path, "wb") as f:
+            torch.save(state, f)
+
+    def _restore_train_state(self, path, train_data) -> bool:
+        """Load ``path`` (written by ``_save_train_state``); returns whether that run had finished training."""
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as err:
+            raise LLMSeRError(f"{path}: not a readable training state ({type(err).__name__}); delete it to "
+                              "train this run from the start") from None
+        if not isinstance(state, dict) or state.get("format") != TRAIN_STATE_FORMAT:
+            raise LLMSeRError(f"{path}: not a recbole_llmser training state; delete it to train from the start")
+        if state["model"].lower() != self.config["model"].lower():
+            raise LLMSeRError(f"{path}: training state of {state['model']}, not {self.config['model']}; "
+                              "delete it or choose another run_name")
+        self.model.load_state_dict(state["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.start_epoch = state["epoch"] + 1
+        self.cur_step = state["cur_step"]
+        self.best_valid_score = state["best_valid_score"]
+        self.best_valid_result = dict(state["best_valid_result"]) or None
+        self.train_loss_dict = dict(state["train_loss_dict"])
+        self.valid_curve = [(int(e), float(v)) for e, v in state["valid_curve"]]
+        self.saved_model_file = os.path.join(os.path.dirname(os.path.abspath(path)), state["saved_model_file"])
+        rng = state["rng"]
+        torch.set_rng_state(rng["torch"])
+        if rng["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        kind, keys, *rest = rng["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
+        version, internal, gauss = rng["python"]
+        random.setstate((version, tuple(internal), gauss))
+        for generator, generator_state in zip(self._train_generators(train_data), rng["loaders"]):
+            generator.set_state(generator_state)
+        self.resumed_from = self.start_epoch
+        finished = state["stopped"] or self.start_epoch >= self.epochs
+        self.logger.info(f"Training state loaded from {path}: "
+                         + ("training had finished" if finished else f"resuming after epoch {state['epoch']}"))
+        return finished
 
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if loss_func is None and is_bert4rec(self.model):
@@ -169,6 +265,12 @@ class DualChannelTrainer(SequentialTrainer):
         return self._neg_sampler.sample_by_user_ids(users.cpu().numpy(), items.cpu().numpy(), 1)
 
     # ----- epoch loaders ----------------------------------------------------------------------------------
+    def _train_generators(self, train_data):
+        generators = super()._train_generators(train_data)
+        if getattr(train_data._dataset, "dct_layout", None) == "windows":
+            generators.append(self._windows(train_data).generator)
+        return generators
+
     def _loader(self, train_data, dataset, scale=1.0, seed=None):
         loader = _ScaledTrainDataLoader(self.config, dataset, train_data._sampler, train_data.shuffle, scale, seed)
         loader.model = train_data.model

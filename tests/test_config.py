@@ -28,6 +28,9 @@ def test_property_precedence(tmp_path):
         "GRU4Rec", "amazon-fashion-ids", config_file_list=[str(first)], cmd_args=["--epochs=3", "--group_bounds=[2,4]"]
     )
     assert c["epochs"] == 3 and c["group_bounds"] == [2, 4] and c["hidden_size"] == 32
+    # '~' on the command line is null, as in the property files (the errors suggest --item_text_field=~)
+    c = Config("SASRec", "amazon-beauty", cmd_args=["--item_text_field=~", "--run_name=mine"])
+    assert c["item_text_field"] is None and c["run_name"] == "mine"
 
 
 def test_bpr_gets_negative_sampling_unless_user_sets_it():

@@ -37,7 +37,8 @@ def test_plan_expands_to_the_cartesian_product_with_stable_ids():
     first = specs[0]
     assert (first["model"], first["method"], first["seed"]) == ("SASRec", "none", 1)
     assert first["overrides"] == {"epochs": 5, "show_progress": False}  # entry overrides win over common
-    assert first["config_dict"] == {"show_progress": False, "epochs": 5, "seed": 1, "method": "none"}
+    assert first["config_dict"] == {"show_progress": False, "epochs": 5, "seed": 1, "method": "none",
+                                    "run_name": f"SASRec-none-{first['id']}"}  # its own, resumable folder
     assert first["group"] == "main" and first["label"] is None
     # stable: the same plan gives the same ids; every (model, method, seed) its own id
     assert [s["id"] for s in specs] == [s["id"] for s in ex.expand_plan(_plan())]
@@ -92,6 +93,7 @@ def test_shipped_plans_are_valid_and_share_the_common_runs():
     ({"runs": [{"dataset": "d", "model": "SASRec"}]}, "seeds"),
     ({"runs": []}, "runs"),
     ({"common": {"method": "none"}}, "method"),
+    ({"runs": [{"dataset": "d", "model": "SASRec", "seeds": [1], "overrides": {"run_name": "x"}}]}, "run_name"),
 ])
 def test_bad_plans_fail_with_one_clear_line(change, words):
     with pytest.raises(LLMSeRError, match=words):
@@ -288,6 +290,37 @@ def test_plan_runs_each_spec_once_and_resumes(tiny_data, tmp_cwd, capsys):
     report = (results / "report.md").read_text()
     assert "## Ablations (SASRec)" in report and "| relabelled |" in report and "## Main results" not in report
     assert len(ex.load_runs(results)[0]) == 2
+
+
+def test_a_stopped_run_resumes_when_the_plan_runs_again(tiny_data, tmp_cwd, monkeypatch):
+    """A run stopped after its first validated epoch (here in-process, as Ctrl-C or a timeout would) leaves its
+    training state in the runner's folder for it; the plan's next run continues it and records where."""
+    from recbole_llmser.quick_start import run
+    from recbole_llmser.trainer import SequentialTrainer
+
+    data, _ = tiny_data
+    plan = _tiny_plan(tmp_cwd, data, [{"dataset": "tiny", "model": "SASRec", "method": "none", "seeds": [42],
+                                        "overrides": {"epochs": 3}}])
+    (spec,) = ex.expand_plan(ex.load_plan(plan))
+
+    def stop(self, path, epoch_idx, train_data):
+        raise KeyboardInterrupt
+
+    original = SequentialTrainer._save_train_state
+    monkeypatch.setattr(SequentialTrainer, "_save_train_state", lambda *a: (original(*a), stop(*a)))
+    with pytest.raises(KeyboardInterrupt):
+        run("SASRec", "tiny", config_dict=spec["config_dict"], cmd_args=[])
+    folder = tmp_cwd / "saved" / "tiny" / f"SASRec-none-{spec['id']}"
+    assert (folder / "train_state.pth").is_file()
+    monkeypatch.setattr(SequentialTrainer, "_save_train_state", original)
+
+    assert ex.main([str(plan)]) == 0
+    (record,) = ex.load_runs(tmp_cwd / "results" / "tiny")[0]
+    assert record["resumed_at_epoch"] == 2 and record["epochs_trained"] == 3 and len(record["valid_curve"]) == 3
+    assert record["run_dir"] == str(folder) and not (folder / "train_state.pth").exists()
+    report = (tmp_cwd / "results" / "tiny" / "report.md").read_text()
+    cost = next(line for line in report.splitlines() if line.startswith("| SASRec none |"))
+    assert cost.split("|")[10].strip() == "—"  # wall s: the resumed run's covers only its last attempt
 
 
 def test_a_failing_run_is_logged_and_the_plan_continues(tiny_data, tmp_cwd, capsys):

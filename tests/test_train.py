@@ -109,3 +109,76 @@ def test_objective_function_like_recbole(tiny_data, tmp_cwd):
     assert out["model"] == "GRU4Rec"
     assert set(out["test_result"]) == {"uni20", "full"}
     assert out["valid_score_bigger"] is True
+
+
+class _Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("model,method", [("SASRec", "none"), ("SASRec", "llmser"), ("BERT4Rec", "llmser")])
+def test_an_interrupted_run_resumes_to_the_uninterrupted_result(model, method, tiny_data, tmp_cwd, monkeypatch):
+    """Stopped after its second validated epoch, a named run continues from train_state.pth on the next call and
+    ends exactly as the same run without the interruption (same batches, dropout, masks and negatives)."""
+    from tests.test_dct import _random_artifact
+
+    data, sequences = tiny_data
+    extra = {}
+    if method == "llmser":  # dual-channel training: SASRec on windows, BERT4Rec on rows
+        extra["aug_file"] = str(_random_artifact(tmp_cwd / "aug.jsonl", sequences))
+    cfg = tiny_config_dict(data, method=method, epochs=4, stopping_step=10, eval_protocols=["uni20"], **extra)
+    straight = run(model, "tiny", config_dict={**cfg, "run_name": "straight"}, cmd_args=[])
+
+    original = SequentialTrainer._save_train_state
+
+    def save_then_stop(self, path, epoch_idx, train_data):
+        original(self, path, epoch_idx, train_data)
+        if epoch_idx == 1:
+            raise _Interrupted
+
+    monkeypatch.setattr(SequentialTrainer, "_save_train_state", save_then_stop)
+    with pytest.raises(_Interrupted):
+        run(model, "tiny", config_dict={**cfg, "run_name": "resumed"}, cmd_args=[])
+    folder = tmp_cwd / "saved" / "tiny" / "resumed"
+    assert (folder / "train_state.pth").is_file() and not (folder / "results.json").exists()
+    monkeypatch.setattr(SequentialTrainer, "_save_train_state", original)
+    resumed = run(model, "tiny", config_dict={**cfg, "run_name": "resumed"}, cmd_args=[])
+
+    assert straight["resumed_at_epoch"] is None and resumed["resumed_at_epoch"] == 3
+    assert resumed["epochs_trained"] == straight["epochs_trained"] == 4
+    for key in ("valid_curve", "best_epoch", "best_valid_score", "valid", "test"):
+        assert resumed[key] == straight[key], key
+    assert not (folder / "train_state.pth").exists() and (folder / "results.json").is_file()
+
+
+def test_a_named_run_folder_refuses_other_settings_and_finished_runs(tiny_data, tmp_cwd, monkeypatch):
+    from recbole_llmser.errors import LLMSeRError
+
+    cfg = tiny_config_dict(tiny_data[0], epochs=3, eval_protocols=["uni20"], run_name="mine")
+
+    def stop(self, path, epoch_idx, train_data):
+        raise _Interrupted
+
+    original = SequentialTrainer._save_train_state
+    monkeypatch.setattr(SequentialTrainer, "_save_train_state", lambda *a: (original(*a), stop(*a)))
+    with pytest.raises(_Interrupted):
+        run("SASRec", "tiny", config_dict=cfg, cmd_args=[])
+    monkeypatch.setattr(SequentialTrainer, "_save_train_state", original)
+    with pytest.raises(LLMSeRError, match=r"holds an unfinished run with other settings \(learning_rate\)"):
+        run("SASRec", "tiny", config_dict={**cfg, "learning_rate": 0.01}, cmd_args=[])
+    with pytest.raises(LLMSeRError, match=r"other settings \(.*\bmodel\b"):
+        run("GRU4Rec", "tiny", config_dict={**cfg, "show_progress": True}, cmd_args=[])
+    result = run("SASRec", "tiny", config_dict={**cfg, "show_progress": True}, cmd_args=[])  # not a setting
+    assert result["resumed_at_epoch"] == 2 and result["epochs_trained"] == 3
+    with pytest.raises(LLMSeRError, match="holds a finished run"):
+        run("SASRec", "tiny", config_dict=cfg, cmd_args=[])
+    with pytest.raises(LLMSeRError, match="run_name"):
+        run("SASRec", "tiny", config_dict={**cfg, "run_name": "../elsewhere"}, cmd_args=[])
+
+
+def test_a_dataset_loaded_without_its_time_field_fails_with_one_line(tiny_data, tmp_cwd):
+    from recbole_llmser.errors import LLMSeRError
+
+    cfg = tiny_config_dict(tiny_data[0], load_col={"inter": ["user_id", "item_id"], "item": ["item_id", "title"]})
+    with pytest.raises(LLMSeRError, match=r"time field 'timestamp' \(TIME_FIELD\) was not loaded; add it to load_col"):
+        run("SASRec", "tiny", config_dict=cfg, cmd_args=[])
+    assert not (tmp_cwd / "saved").exists() or not any((tmp_cwd / "saved").rglob("config.yaml"))

@@ -72,6 +72,9 @@ class SequentialDataset(_RecBoleSequentialDataset):
 
     def data_augmentation(self):
         self._check_field("uid_field", "time_field")
+        if self.time_field not in self.inter_feat:
+            raise LLMSeRError(f"dataset '{self.dataset_name}': time field '{self.time_field}' (TIME_FIELD) was not "
+                              "loaded; add it to load_col.inter (each user's interactions are ordered by it)")
         self.sort(by=[self.uid_field, self.time_field], ascending=True)
         self._raw_inter = self.inter_feat  # the interactions in (user, time) order, before prefix expansion
         super().data_augmentation()
