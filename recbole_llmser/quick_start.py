@@ -13,9 +13,10 @@ from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.evaluation import evaluate_split, format_results
 from recbole_llmser.trainer import kept_epoch
-
-CONFIG, RESULTS, TRAIN_STATE = "config.yaml", "results.json", "train_state.pth"
 from recbole_llmser.utils import atomic_write_json, atomic_write_text, get_model, get_trainer, unique_stem
+
+#: Files of a run folder: the final config, the results, and the training state while it trains.
+CONFIG, RESULTS, TRAIN_STATE = "config.yaml", "results.json", "train_state.pth"
 
 
 def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None, saved=True,
@@ -125,8 +126,7 @@ def run_with_config(config, saved=True, dry_run=False):
 
     run_dir = _make_run_dir(config)  # only once the data loaded: a bad dataset leaves no empty run folder
     config["checkpoint_dir"] = str(run_dir)
-    resuming = (run_dir / TRAIN_STATE).is_file()
-    if not resuming:
+    if not (run_dir / TRAIN_STATE).is_file():  # a resumed run keeps the config it started with (checked equal)
         atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
