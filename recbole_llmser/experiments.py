@@ -1122,13 +1122,27 @@ def _format_overrides(overrides: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in overrides.items() if k not in NON_SEMANTIC_KEYS) or "-"
 
 
+def run_folder(spec) -> Path:
+    """The folder a spec's run trains in (``<checkpoint_dir>/<dataset>/<run_name>``, relative to the cwd)."""
+    from recbole_llmser.config import properties_dir, read_yaml
+
+    checkpoint_dir = spec["config_dict"].get("checkpoint_dir")
+    if checkpoint_dir is None:
+        checkpoint_dir = read_yaml(properties_dir() / "overall.yaml").get("checkpoint_dir") or "saved"
+    return Path(checkpoint_dir) / spec["dataset"] / spec["config_dict"]["run_name"]
+
+
 def print_dry_run(specs, dirs, done_by_dir, out=None):
     from tabulate import tabulate
+
+    from recbole_llmser.quick_start import TRAIN_STATE
 
     out = out or sys.stdout
     rows = []
     for s in unique_runs(specs):
         status = "done" if s["id"] in done_by_dir[s["dataset"]] else "to run"
+        if status == "to run" and (run_folder(s) / TRAIN_STATE).is_file():
+            status = "to run (partly trained: resumes)"
         groups = sorted({f"{t['group']}" + (f" [{t['label']}]" if t["label"] else "") for t in specs
                          if t["id"] == s["id"]})
         rows.append([s["id"], s["dataset"], s["model"], s["method"], s["seed"], "; ".join(groups),

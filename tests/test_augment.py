@@ -255,3 +255,19 @@ def test_helper_windows_hold_exactly_recboles_prefix_rows(tiny_data, tmp_cwd):
                       for p, (t, w) in enumerate(zip(ts, ws)) if w > 0)
     assert rows == expanded and ds.dct_n_rows == len(rows) and len(win) < len(rows)
     assert max(len(h) for h, _ in rows) == 3  # truncated histories are kept as their own windows
+
+
+def test_helper_fingerprint_follows_training_settings_not_run_bookkeeping(tiny_data):
+    """Cached helpers are reused by every run with the same helper settings, whatever the run's folder or logging."""
+    from recbole_llmser.config import Config
+
+    config = Config("SASRec", "tiny", config_dict=tiny_config_dict(tiny_data[0], **SMALL), cmd_args=[])
+    sequences = [np.array([1, 2, 3]), np.array([4, 5])]
+    helper = ccg.helper_config(config, "reverse")
+    before = ccg.helper_fingerprint(helper, sequences)
+    for key, value in (("run_name", "somewhere"), ("checkpoint_dir", "/elsewhere"), ("show_progress", True)):
+        helper[key] = value
+        assert ccg.helper_fingerprint(helper, sequences) == before, key
+    helper["learning_rate"] = 0.5
+    assert ccg.helper_fingerprint(helper, sequences) != before
+    assert ccg.helper_fingerprint(ccg.helper_config(config, "reverse"), sequences[:1]) != before

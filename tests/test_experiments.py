@@ -292,7 +292,7 @@ def test_plan_runs_each_spec_once_and_resumes(tiny_data, tmp_cwd, capsys):
     assert len(ex.load_runs(results)[0]) == 2
 
 
-def test_a_stopped_run_resumes_when_the_plan_runs_again(tiny_data, tmp_cwd, monkeypatch):
+def test_a_stopped_run_resumes_when_the_plan_runs_again(tiny_data, tmp_cwd, monkeypatch, capsys):
     """A run stopped after its first validated epoch (here in-process, as Ctrl-C or a timeout would) leaves its
     training state in the runner's folder for it; the plan's next run continues it and records where."""
     from recbole_llmser.quick_start import run
@@ -313,7 +313,11 @@ def test_a_stopped_run_resumes_when_the_plan_runs_again(tiny_data, tmp_cwd, monk
     folder = tmp_cwd / "saved" / "tiny" / f"SASRec-none-{spec['id']}"
     assert (folder / "train_state.pth").is_file()
     monkeypatch.setattr(SequentialTrainer, "_save_train_state", original)
+    assert ex.run_folder(spec).resolve() == folder
 
+    capsys.readouterr()
+    assert ex.main([str(plan), "--dry_run"]) == 0
+    assert "to run (partly trained: resumes)" in capsys.readouterr().out
     assert ex.main([str(plan)]) == 0
     (record,) = ex.load_runs(tmp_cwd / "results" / "tiny")[0]
     assert record["resumed_at_epoch"] == 2 and record["epochs_trained"] == 3 and len(record["valid_curve"]) == 3

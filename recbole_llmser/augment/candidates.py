@@ -107,7 +107,7 @@ def helper_config(config, direction: str):
 
 def helper_fingerprint(helper, sequences) -> str:
     """Hash of the helper's settings and its exact training sequences (so a change retrains)."""
-    skip = {"checkpoint_dir", "show_progress", "state", "device"}
+    skip = {"checkpoint_dir", "show_progress", "state", "device", "run_name"}  # where and how it logs, not what
     settings = {k: str(v) for k, v in helper.final_config_dict.items() if k not in skip}
     return content_hash(settings, sequences)[:16]
 
