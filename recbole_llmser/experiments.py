@@ -53,6 +53,7 @@ last attempt, are left out of the cost table.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -158,11 +159,7 @@ def validate_plan(plan: dict, where: str = "plan") -> None:
     bad_common = set(plan.get("common") or {}) & set(AXES)
     if bad_common:
         raise LLMSeRError(f"{where}: 'common' may not set {sorted(bad_common)}; they are the run axes of each entry")
-    runner_set = set(plan.get("common") or {}) | {k for e in plan.get("runs") or [] if isinstance(e, dict)
-                                                    and isinstance(e.get("overrides"), dict) for k in e["overrides"]}
-    if runner_set & set(RUNNER_KEYS):
-        raise LLMSeRError(f"{where}: a plan may not set {sorted(runner_set & set(RUNNER_KEYS))}; the runner names "
-                          "each run's folder <model>-<method>-<id>")
+    _check_runner_keys(plan.get("common") or {}, f"{where}: 'common'")
     timeout = plan.get("timeout_s")
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
         raise LLMSeRError(f"{where}: 'timeout_s' must be a positive number of seconds or ~")
@@ -196,6 +193,7 @@ def validate_plan(plan: dict, where: str = "plan") -> None:
         bad = set(overrides) & set(AXES)
         if bad:
             raise LLMSeRError(f"{at}: overrides may not set {sorted(bad)}; use the entry's own fields")
+        _check_runner_keys(overrides, f"{at}: overrides")
         group = entry.get("group", "main")
         if not isinstance(group, str) or not group:
             raise LLMSeRError(f"{at}: 'group' must be a name (main, ablation, sweep:<property>, ...)")
@@ -204,6 +202,13 @@ def validate_plan(plan: dict, where: str = "plan") -> None:
             merged = {**(plan.get("common") or {}), **overrides}
             if key not in merged:
                 raise LLMSeRError(f"{at}: group {group!r} needs 'x' (the swept value) or an override of '{key}'")
+
+
+def _check_runner_keys(properties: dict, where: str) -> None:
+    bad = set(properties) & set(RUNNER_KEYS)
+    if bad:
+        raise LLMSeRError(f"{where} may not set {sorted(bad)}; the runner names each run's folder "
+                          "<model>-<method>-<id>")
 
 
 def expand_plan(plan: dict) -> list:
@@ -1122,13 +1127,16 @@ def _format_overrides(overrides: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in overrides.items() if k not in NON_SEMANTIC_KEYS) or "-"
 
 
-def run_folder(spec) -> Path:
-    """The folder a spec's run trains in (``<checkpoint_dir>/<dataset>/<run_name>``, relative to the cwd)."""
+@functools.lru_cache(maxsize=1)
+def _default_checkpoint_dir() -> str:
     from recbole_llmser.config import properties_dir, read_yaml
 
-    checkpoint_dir = spec["config_dict"].get("checkpoint_dir")
-    if checkpoint_dir is None:
-        checkpoint_dir = read_yaml(properties_dir() / "overall.yaml").get("checkpoint_dir") or "saved"
+    return read_yaml(properties_dir() / "overall.yaml").get("checkpoint_dir") or "saved"
+
+
+def run_folder(spec) -> Path:
+    """The folder a spec's run trains in (``<checkpoint_dir>/<dataset>/<run_name>``, relative to the cwd)."""
+    checkpoint_dir = spec["config_dict"].get("checkpoint_dir") or _default_checkpoint_dir()
     return Path(checkpoint_dir) / spec["dataset"] / spec["config_dict"]["run_name"]
 
 

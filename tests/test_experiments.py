@@ -94,6 +94,7 @@ def test_shipped_plans_are_valid_and_share_the_common_runs():
     ({"runs": []}, "runs"),
     ({"common": {"method": "none"}}, "method"),
     ({"runs": [{"dataset": "d", "model": "SASRec", "seeds": [1], "overrides": {"run_name": "x"}}]}, "run_name"),
+    ({"common": {"run_name": "x"}}, "'common' may not set \\['run_name'\\]"),
 ])
 def test_bad_plans_fail_with_one_clear_line(change, words):
     with pytest.raises(LLMSeRError, match=words):
