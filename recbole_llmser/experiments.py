@@ -47,7 +47,9 @@ reports for that process (it includes the process's own children). Each run trai
 ``<checkpoint_dir>/<dataset>/<model>-<method>-<id>/`` (``run_name``), so a run that was stopped part-way (Ctrl-C,
 ``timeout_s``, a lost machine) continues from its last validated epoch the next time the plan runs, and ends as it
 would have without the stop; its record has ``resumed_at_epoch``, and its wall and CPU times, which cover only the
-last attempt, are left out of the cost table.
+last attempt, are left out of the cost table. A run that finished in its folder but was not recorded (the runner was
+stopped between the two) is recorded from the folder's ``results.json`` without training (``finished_earlier``; its
+times are left out of the cost table too).
 """
 
 from __future__ import annotations
@@ -621,7 +623,8 @@ def cost_table(entries):
     rows = []
     for (model, method, _), group in by_key.items():
         rs = _records(group)
-        whole = [r for r in rs if not r.get("resumed_at_epoch")]  # a resumed run's times cover its last attempt
+        # a resumed run's times cover its last attempt, a run recorded from its finished folder's no training
+        whole = [r for r in rs if not (r.get("resumed_at_epoch") or r.get("finished_earlier"))]
         label = next((e[2] for e in group if e[2]), f"{model} {method}")
         augs = [r.get("aug") or {} for r in rs]
         t = lambda k: [a.get("timings_s", {}).get(k) for a in augs]  # noqa: E731
@@ -1015,7 +1018,7 @@ def run_spec(spec: dict, results_dir, timeout=None) -> dict:
         "best_valid_score": result.get("best_valid_score"),
         "best_valid_result": result.get("best_valid_result"),
         "best_epoch": result.get("best_epoch"), "epochs_trained": result.get("epochs_trained"),
-        "resumed_at_epoch": result.get("resumed_at_epoch"),
+        "resumed_at_epoch": result.get("resumed_at_epoch"), "finished_earlier": result.get("finished_earlier"),
         "valid_curve": result.get("valid_curve"),
         "valid": result.get("valid"), "test": result.get("test"),
         "run_dir": result.get("run_dir"), "aug_file": result.get("aug_file"),
@@ -1067,8 +1070,8 @@ def _child_main(job_path) -> int:
     cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
     out = {
         "result": {k: result.get(k) for k in ("best_valid_score", "best_valid_result", "best_epoch", "epochs_trained",
-                                              "resumed_at_epoch", "valid_curve", "valid", "test", "run_dir",
-                                              "aug_file")},
+                                              "resumed_at_epoch", "finished_earlier", "valid_curve", "valid",
+                                              "test", "run_dir", "aug_file")},
         "run_s": round(run_s, 2),
         "train_eval_s": round(run_s - (aug_s or 0.0), 2),
         "peak_rss_mb": round(_rss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1),
@@ -1143,13 +1146,15 @@ def run_folder(spec) -> Path:
 def print_dry_run(specs, dirs, done_by_dir, out=None):
     from tabulate import tabulate
 
-    from recbole_llmser.quick_start import TRAIN_STATE
+    from recbole_llmser.quick_start import RESULTS, TRAIN_STATE
 
     out = out or sys.stdout
     rows = []
     for s in unique_runs(specs):
         status = "done" if s["id"] in done_by_dir[s["dataset"]] else "to run"
-        if status == "to run" and (run_folder(s) / TRAIN_STATE).is_file():
+        if status == "to run" and (run_folder(s) / RESULTS).is_file():
+            status = "to run (finished in its folder: recorded without training)"
+        elif status == "to run" and (run_folder(s) / TRAIN_STATE).is_file():
             status = "to run (partly trained: resumes)"
         groups = sorted({f"{t['group']}" + (f" [{t['label']}]" if t["label"] else "") for t in specs
                          if t["id"] == s["id"]})

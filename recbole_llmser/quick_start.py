@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from logging import getLogger
 from pathlib import Path
 
@@ -49,20 +50,20 @@ def _make_run_dir(config) -> Path:
 
 
 def _named_run_dir(run_dir: Path, config) -> Path:
-    """A named run folder: created when absent; one that holds an unfinished run (``train_state.pth``) is resumed
-    when its ``config.yaml`` matches this run's; one that holds a finished run (``results.json``) is refused."""
-    if (run_dir / RESULTS).is_file():
-        raise LLMSeRError(f"run folder {run_dir} holds a finished run ({RESULTS}); delete it or choose another "
-                          "run_name")
-    if (run_dir / TRAIN_STATE).is_file():
+    """A named run folder: created when absent; one that holds an unfinished run (``train_state.pth``) or a finished
+    one (``results.json``) is used only when its ``config.yaml`` matches this run's (the caller resumes the first and
+    returns the second's results)."""
+    finished = (run_dir / RESULTS).is_file()
+    if finished or (run_dir / TRAIN_STATE).is_file():
         before = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}
         now = yaml.safe_load(yaml.safe_dump(config.to_dict()))
         changed = sorted(k for k in set(before) | set(now)
                          if k not in RESUME_FREE_KEYS and before.get(k) != now.get(k))
         if changed:
-            raise LLMSeRError(f"run folder {run_dir} holds an unfinished run with other settings "
-                              f"({', '.join(changed)}); resume it with its own settings, or delete it or choose "
-                              "another run_name")
+            what, fix = ("a finished", "delete it") if finished else ("an unfinished", "resume it with its own settings"
+                                                                      ", or delete it")
+            raise LLMSeRError(f"run folder {run_dir} holds {what} run with other settings ({', '.join(changed)}); "
+                              f"{fix} or choose another run_name")
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
@@ -125,6 +126,11 @@ def run_with_config(config, saved=True, dry_run=False):
         table, _ = load_table(config["tsl_embedding_file"], dataset.field2id_token[dataset.iid_field])
 
     run_dir = _make_run_dir(config)  # only once the data loaded: a bad dataset leaves no empty run folder
+    if (run_dir / RESULTS).is_file():  # a named run that finished before, with these settings: nothing to train
+        result = {**json.loads((run_dir / RESULTS).read_text(encoding="utf-8")), "finished_earlier": True}
+        logger.info(set_color("outputs", "blue") + f": {run_dir} finished earlier with these settings; its "
+                    f"{RESULTS} is returned, nothing was trained")
+        return result
     config["checkpoint_dir"] = str(run_dir)
     if not (run_dir / TRAIN_STATE).is_file():  # a resumed run keeps the config it started with (checked equal)
         atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
@@ -161,6 +167,7 @@ def run_with_config(config, saved=True, dry_run=False):
         "best_epoch": kept_epoch(trainer.valid_curve, trainer.cur_step),
         "epochs_trained": len(trainer.train_loss_dict),
         "resumed_at_epoch": None if trainer.resumed_from is None else trainer.resumed_from + 1,
+        "finished_earlier": False,
         "valid_curve": [[epoch_idx + 1, round(score, 6)] for epoch_idx, score in trainer.valid_curve],
         "valid": valid_result,
         "test": test_result,

@@ -327,6 +327,20 @@ def test_a_stopped_run_resumes_when_the_plan_runs_again(tiny_data, tmp_cwd, monk
     cost = next(line for line in report.splitlines() if line.startswith("| SASRec none |"))
     assert cost.split("|")[10].strip() == "—"  # wall s: the resumed run's covers only its last attempt
 
+    # a run that finished in its folder but was never recorded (runner stopped in between) is recorded, not retrained
+    stamps = {f.name: f.stat().st_mtime_ns for f in folder.iterdir()}
+    (tmp_cwd / "results" / "tiny" / "runs.jsonl").unlink()
+    assert ex.main([str(plan), "--dry_run"]) == 0
+    assert "to run (finished in its folder: recorded without training)" in capsys.readouterr().out
+    assert ex.main([str(plan)]) == 0
+    (again,) = ex.load_runs(tmp_cwd / "results" / "tiny")[0]
+    assert again["finished_earlier"] is True and record["finished_earlier"] is False
+    assert again["test"] == record["test"] and again["valid_curve"] == record["valid_curve"]
+    assert {f.name: f.stat().st_mtime_ns for f in folder.iterdir()} == stamps  # no file of the run was rewritten
+    report = (tmp_cwd / "results" / "tiny" / "report.md").read_text()
+    cost = next(line for line in report.splitlines() if line.startswith("| SASRec none |"))
+    assert cost.split("|")[10].strip() == "—"  # nothing was trained: no wall time to report
+
 
 def test_a_failing_run_is_logged_and_the_plan_continues(tiny_data, tmp_cwd, capsys):
     data, _ = tiny_data

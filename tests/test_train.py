@@ -150,7 +150,7 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(model, method, t
     assert not (folder / "train_state.pth").exists() and (folder / "results.json").is_file()
 
 
-def test_a_named_run_folder_refuses_other_settings_and_finished_runs(tiny_data, tmp_cwd, monkeypatch):
+def test_a_named_run_folder_refuses_other_settings_and_returns_a_finished_run(tiny_data, tmp_cwd, monkeypatch):
     from recbole_llmser.errors import LLMSeRError
 
     cfg = tiny_config_dict(tiny_data[0], epochs=3, eval_protocols=["uni20"], run_name="mine")
@@ -169,8 +169,10 @@ def test_a_named_run_folder_refuses_other_settings_and_finished_runs(tiny_data, 
         run("GRU4Rec", "tiny", config_dict={**cfg, "show_progress": True}, cmd_args=[])
     result = run("SASRec", "tiny", config_dict={**cfg, "show_progress": True}, cmd_args=[])  # not a setting
     assert result["resumed_at_epoch"] == 2 and result["epochs_trained"] == 3
-    with pytest.raises(LLMSeRError, match="holds a finished run"):
-        run("SASRec", "tiny", config_dict=cfg, cmd_args=[])
+    again = run("SASRec", "tiny", config_dict=cfg, cmd_args=[])  # finished with these settings: its results, as kept
+    assert again == {**result, "finished_earlier": True} and result["finished_earlier"] is False
+    with pytest.raises(LLMSeRError, match=r"holds a finished run with other settings \(learning_rate\); delete it"):
+        run("SASRec", "tiny", config_dict={**cfg, "learning_rate": 0.01}, cmd_args=[])
     with pytest.raises(LLMSeRError, match="run_name"):
         run("SASRec", "tiny", config_dict={**cfg, "run_name": "../elsewhere"}, cmd_args=[])
 
