@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import pytest
@@ -72,3 +73,26 @@ def tiny_config_dict(data_path, **extra):
     )
     cfg.update(extra)
     return cfg
+
+
+class Interrupted(Exception):
+    """What a test raises to stop a run part-way, as Ctrl-C or the end of a session would."""
+
+
+@contextlib.contextmanager
+def stopped_after_epoch(monkeypatch, epoch_idx, exc=Interrupted):
+    """Inside the block, training raises ``exc`` right after it saved its state for ``epoch_idx`` (0-based)."""
+    from recbole_llmser.trainer import SequentialTrainer
+
+    original = SequentialTrainer._save_train_state
+
+    def save_then_stop(self, path, idx, train_data):
+        original(self, path, idx, train_data)
+        if idx == epoch_idx:
+            raise exc
+
+    monkeypatch.setattr(SequentialTrainer, "_save_train_state", save_then_stop)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(SequentialTrainer, "_save_train_state", original)

@@ -8,7 +8,7 @@ import yaml
 
 from recbole_llmser import experiments as ex
 from recbole_llmser.errors import LLMSeRError
-from tests.conftest import tiny_config_dict
+from tests.conftest import stopped_after_epoch, tiny_config_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -297,23 +297,15 @@ def test_a_stopped_run_resumes_when_the_plan_runs_again(tiny_data, tmp_cwd, monk
     """A run stopped after its first validated epoch (here in-process, as Ctrl-C or a timeout would) leaves its
     training state in the runner's folder for it; the plan's next run continues it and records where."""
     from recbole_llmser.quick_start import run
-    from recbole_llmser.trainer import SequentialTrainer
 
     data, _ = tiny_data
     plan = _tiny_plan(tmp_cwd, data, [{"dataset": "tiny", "model": "SASRec", "method": "none", "seeds": [42],
                                         "overrides": {"epochs": 3}}])
     (spec,) = ex.expand_plan(ex.load_plan(plan))
-
-    def stop(self, path, epoch_idx, train_data):
-        raise KeyboardInterrupt
-
-    original = SequentialTrainer._save_train_state
-    monkeypatch.setattr(SequentialTrainer, "_save_train_state", lambda *a: (original(*a), stop(*a)))
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_after_epoch(monkeypatch, 0, KeyboardInterrupt), pytest.raises(KeyboardInterrupt):
         run("SASRec", "tiny", config_dict=spec["config_dict"], cmd_args=[])
     folder = tmp_cwd / "saved" / "tiny" / f"SASRec-none-{spec['id']}"
     assert (folder / "train_state.pth").is_file()
-    monkeypatch.setattr(SequentialTrainer, "_save_train_state", original)
     assert ex.run_folder(spec).resolve() == folder
 
     capsys.readouterr()
@@ -412,7 +404,7 @@ def test_items_above_target_reads_a_finished_run(tiny_data, tmp_cwd, capsys):
     from pathlib import Path
 
     from recbole_llmser.quick_start import run
-    from tests.conftest import tiny_config_dict
+    from tests.conftest import stopped_after_epoch, tiny_config_dict
 
     data, sequences = tiny_data
     result = run("SASRec", "tiny", config_dict=tiny_config_dict(data), cmd_args=[])

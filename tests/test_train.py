@@ -12,7 +12,7 @@ from recbole_llmser.evaluation import evaluate_split
 from recbole_llmser.quick_start import objective_function, run
 from recbole_llmser.trainer import SequentialTrainer, kept_epoch
 from recbole_llmser.utils import get_model
-from tests.conftest import tiny_config_dict
+from tests.conftest import Interrupted, stopped_after_epoch, tiny_config_dict
 
 
 @pytest.mark.parametrize("model", ["SASRec", "GRU4Rec", "BERT4Rec"])
@@ -111,10 +111,6 @@ def test_objective_function_like_recbole(tiny_data, tmp_cwd):
     assert out["valid_score_bigger"] is True
 
 
-class _Interrupted(Exception):
-    pass
-
-
 @pytest.mark.parametrize("model,method", [("SASRec", "none"), ("SASRec", "llmser"), ("BERT4Rec", "llmser")])
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(model, method, tiny_data, tmp_cwd, monkeypatch):
     """Stopped after its second validated epoch, a named run continues from train_state.pth on the next call and
@@ -128,19 +124,10 @@ def test_an_interrupted_run_resumes_to_the_uninterrupted_result(model, method, t
     cfg = tiny_config_dict(data, method=method, epochs=4, stopping_step=10, eval_protocols=["uni20"], **extra)
     straight = run(model, "tiny", config_dict={**cfg, "run_name": "straight"}, cmd_args=[])
 
-    original = SequentialTrainer._save_train_state
-
-    def save_then_stop(self, path, epoch_idx, train_data):
-        original(self, path, epoch_idx, train_data)
-        if epoch_idx == 1:
-            raise _Interrupted
-
-    monkeypatch.setattr(SequentialTrainer, "_save_train_state", save_then_stop)
-    with pytest.raises(_Interrupted):
+    with stopped_after_epoch(monkeypatch, 1), pytest.raises(Interrupted):
         run(model, "tiny", config_dict={**cfg, "run_name": "resumed"}, cmd_args=[])
     folder = tmp_cwd / "saved" / "tiny" / "resumed"
     assert (folder / "train_state.pth").is_file() and not (folder / "results.json").exists()
-    monkeypatch.setattr(SequentialTrainer, "_save_train_state", original)
     resumed = run(model, "tiny", config_dict={**cfg, "run_name": "resumed"}, cmd_args=[])
 
     assert straight["resumed_at_epoch"] is None and resumed["resumed_at_epoch"] == 3
@@ -154,15 +141,8 @@ def test_a_named_run_folder_refuses_other_settings_and_returns_a_finished_run(ti
     from recbole_llmser.errors import LLMSeRError
 
     cfg = tiny_config_dict(tiny_data[0], epochs=3, eval_protocols=["uni20"], run_name="mine")
-
-    def stop(self, path, epoch_idx, train_data):
-        raise _Interrupted
-
-    original = SequentialTrainer._save_train_state
-    monkeypatch.setattr(SequentialTrainer, "_save_train_state", lambda *a: (original(*a), stop(*a)))
-    with pytest.raises(_Interrupted):
+    with stopped_after_epoch(monkeypatch, 0), pytest.raises(Interrupted):
         run("SASRec", "tiny", config_dict=cfg, cmd_args=[])
-    monkeypatch.setattr(SequentialTrainer, "_save_train_state", original)
     with pytest.raises(LLMSeRError, match=r"holds an unfinished run with other settings \(learning_rate\)"):
         run("SASRec", "tiny", config_dict={**cfg, "learning_rate": 0.01}, cmd_args=[])
     with pytest.raises(LLMSeRError, match=r"other settings \(.*\bmodel\b"):
