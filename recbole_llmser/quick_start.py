@@ -128,8 +128,10 @@ def run_with_config(config, saved=True, dry_run=False):
     run_dir = _make_run_dir(config)  # only once the data loaded: a bad dataset leaves no empty run folder
     if (run_dir / RESULTS).is_file():  # a named run that finished before, with these settings: nothing to train
         result = {**json.loads((run_dir / RESULTS).read_text(encoding="utf-8")), "finished_earlier": True}
+        logger.info("\n" + format_results(result["valid"], "valid"))
+        logger.info("\n" + format_results(result["test"], "test"))
         logger.info(set_color("outputs", "blue") + f": {run_dir} finished earlier with these settings; its "
-                    f"{RESULTS} is returned, nothing was trained")
+                    f"{RESULTS} is returned (the results above), nothing was trained")
         return result
     config["checkpoint_dir"] = str(run_dir)
     if not (run_dir / TRAIN_STATE).is_file():  # a resumed run keeps the config it started with (checked equal)
