@@ -404,7 +404,7 @@ def test_items_above_target_reads_a_finished_run(tiny_data, tmp_cwd, capsys):
     from pathlib import Path
 
     from recbole_llmser.quick_start import run
-    from tests.conftest import stopped_after_epoch, tiny_config_dict
+    from tests.conftest import tiny_config_dict
 
     data, sequences = tiny_data
     result = run("SASRec", "tiny", config_dict=tiny_config_dict(data), cmd_args=[])
