@@ -623,7 +623,7 @@ def cost_table(entries):
     rows = []
     for (model, method, _), group in by_key.items():
         rs = _records(group)
-        # a resumed run's times cover its last attempt, a run recorded from its finished folder's no training
+        # a resumed run's times cover only its last attempt; a run recorded from its finished folder trained nothing
         whole = [r for r in rs if not (r.get("resumed_at_epoch") or r.get("finished_earlier"))]
         label = next((e[2] for e in group if e[2]), f"{model} {method}")
         augs = [r.get("aug") or {} for r in rs]
@@ -1152,9 +1152,10 @@ def print_dry_run(specs, dirs, done_by_dir, out=None):
     rows = []
     for s in unique_runs(specs):
         status = "done" if s["id"] in done_by_dir[s["dataset"]] else "to run"
-        if status == "to run" and (run_folder(s) / RESULTS).is_file():
+        folder = run_folder(s)
+        if status == "to run" and (folder / RESULTS).is_file():
             status = "to run (finished in its folder: recorded without training)"
-        elif status == "to run" and (run_folder(s) / TRAIN_STATE).is_file():
+        elif status == "to run" and (folder / TRAIN_STATE).is_file():
             status = "to run (partly trained: resumes)"
         groups = sorted({f"{t['group']}" + (f" [{t['label']}]" if t["label"] else "") for t in specs
                          if t["id"] == s["id"]})
