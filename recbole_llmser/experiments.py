@@ -656,6 +656,10 @@ def _savefig(fig, path) -> None:
         f.write(buf.getvalue())
 
 
+def _seeds(n) -> str:
+    return f"{n} seed" + ("" if n == 1 else "s")
+
+
 def _yerr(stds):
     return None if all(s is None for s in stds) else [s or 0.0 for s in stds]
 
@@ -678,7 +682,8 @@ def plot_main(entries, protocol, path) -> None:
         stats = [aggregate(rs, "test", protocol, PLOT_METRIC[0], g) for g in groups]
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(groups))]
         ax.bar(xs, [s[0] or 0 for s in stats], width, yerr=_yerr([s[1] for s in stats]), capsize=2,
-               label=f"{model} {method}", hatch=None if method == "none" else "//", edgecolor="black", lw=0.4)
+               label=f"{model} {method} ({_seeds(len(rs))})", hatch=None if method == "none" else "//",
+               edgecolor="black", lw=0.4)
     ax.set_xticks(range(len(groups)))
     ax.set_xticklabels(labels)
     ax.set_ylabel(f"test {PLOT_METRIC[1]} ({protocol})")
@@ -707,6 +712,11 @@ def plot_sweep(entries, protocol, prop, path) -> None:
             prefix = f"{model} {method}: " if len(series) > 1 else ""
             ax.errorbar(xs, [y if y is not None else float("nan") for y in ys], yerr=es, marker="o", capsize=2,
                         label=prefix + name, lw=2 if name == "overall" else 1)
+            if name == "overall":  # how many seeds each point averages (a sweep may mix 3-seed and 1-seed points)
+                for x, y, (_, p) in zip(xs, ys, points):
+                    if y is not None:
+                        ax.annotate(_seeds(p[name][2]), (x, y), textcoords="offset points", xytext=(0, 6),
+                                    ha="center", fontsize=7)
     ax.set_xlabel(prop)
     ax.set_ylabel(f"test {PLOT_METRIC[1]} ({protocol})")
     ax.set_title(f"sweep of {prop} ({protocol}; mean ± std over seeds)")
