@@ -1097,20 +1097,24 @@ def _child_main(job_path) -> int:
 
 
 def record_plan(plan, specs, results_dir, command) -> None:
-    """Write ``plans/<plan name>.json``: the expanded specs of this plan for this folder (table membership)."""
+    """Write ``plans/<plan name>.json``: the expanded specs of this plan for this folder (table membership).
+    An unchanged plan leaves the file as it is, so ``updated`` is when the plan last changed."""
     path = Path(results_dir) / "plans" / f"{plan['name']}.json"
-    first = _now()
+    old = {}
     if path.is_file():
         try:
-            first = json.loads(path.read_text(encoding="utf-8")).get("first_recorded", first)
+            old = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError):
             pass
-    atomic_write_json(path, {
-        "name": plan["name"], "path": plan.get("path"), "command": command, "first_recorded": first,
-        "updated": _now(), "common": plan.get("common") or {},
+    record = json.loads(json.dumps({
+        "name": plan["name"], "path": plan.get("path"), "command": command,
+        "first_recorded": old.get("first_recorded") or _now(), "updated": None, "common": plan.get("common") or {},
         "specs": [{k: s[k] for k in ("id", "dataset", "model", "method", "seed", "group", "label", "x", "overrides")}
                   for s in specs],
-    })
+    }))
+    if {**old, "updated": None} == record:
+        return
+    atomic_write_json(path, {**record, "updated": _now()})
 
 
 class _DirLock:

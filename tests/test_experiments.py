@@ -1,5 +1,6 @@
 """The experiment runner (issue #7): plan expansion and ids, resume, failures, jsonl robustness, report maths."""
 
+import json
 import math
 from pathlib import Path
 
@@ -378,6 +379,24 @@ def test_report_tables_hold_only_the_runs_of_recorded_plans(tmp_path):
                    tmp_path, "cmd")
     text = ex.write_report(tmp_path).read_text()
     assert "**Warning**: row(s) SASRec none average runs with different overrides" in text
+
+
+def test_recording_an_unchanged_plan_leaves_its_file_alone(tmp_path, monkeypatch):
+    clock = iter(f"2026-01-01T00:00:0{i}+00:00" for i in range(10))
+    monkeypatch.setattr(ex, "_now", lambda: next(clock))
+    plan = {"name": "p", "runs": [{"dataset": "d", "model": "SASRec", "method": "none", "seeds": [42],
+                                   "overrides": {"epochs": 2}}]}
+    path = tmp_path / "plans" / "p.json"
+    ex.record_plan(plan, ex.expand_plan(plan), tmp_path, "cmd")
+    first = path.read_text()
+    assert json.loads(first)["updated"]
+    ex.record_plan(plan, ex.expand_plan(plan), tmp_path, "cmd")
+    assert path.read_text() == first
+    plan["runs"][0]["seeds"] = [42, 43]
+    ex.record_plan(plan, ex.expand_plan(plan), tmp_path, "cmd")
+    changed = json.loads(path.read_text())
+    assert len(changed["specs"]) == 2 and changed["first_recorded"] == json.loads(first)["first_recorded"]
+    assert changed["updated"] > json.loads(first)["updated"]
 
 
 def test_a_run_past_its_time_limit_is_killed_and_logged(tmp_cwd):
