@@ -381,6 +381,17 @@ def aggregate(records, split, protocol, metric, group=None):
     return mean_std(metric_value(r, split, protocol, metric, group) for r in records)
 
 
+def matched_seeds(base, new):
+    """``(label, base, new)``: both lists of run records kept to the seeds both have, so a gain compares like with
+    like; ``label`` is empty when their seeds already agree, else names the shared seeds (``"none"`` if none)."""
+    common = {r["seed"] for r in base} & {r["seed"] for r in new}
+    if common == {r["seed"] for r in base} == {r["seed"] for r in new}:
+        return "", base, new
+    names = ", ".join(str(s) for s in sorted(common)) or "none"
+    return (f" (seeds both have: {names})", [r for r in base if r["seed"] in common],
+            [r for r in new if r["seed"] in common])
+
+
 def group_rows(items, key):
     """Ordered ``{key(item): [items]}`` in order of first appearance."""
     rows = {}
@@ -521,31 +532,29 @@ def _choice_cells(row_records, protocol):
 
 def main_table(entries, protocol):
     """Markdown table of the ``main`` group for ``protocol``: rows backbone × method (mean ± std over seeds),
-    a gain row per backbone (llmser over none, on the means), validation NDCG@10 beside test."""
+    a gain row per backbone (llmser over none, on the means over the seeds both rows have), validation NDCG@10
+    beside test."""
     recs = _records(entries)
     rows_by_key = group_rows(entries, lambda e: (e[0]["model"], e[0]["method"]))
     cols = _columns(recs, protocol)
     header = ["backbone", "method", "seeds", "valid NDCG@10"] + [c[0] for c in cols]
     rows = []
     for model in list(dict.fromkeys(k[0] for k in rows_by_key)):
-        means = {}
         for method in METHOD_CHOICES:
             group = rows_by_key.get((model, method))
             if not group:
                 continue
             rs = _records(group)
             v = aggregate(rs, "valid", protocol, "ndcg@10")
-            cells = []
-            for _, gname, key in cols:
-                m, s, _n = aggregate(rs, "test", protocol, key, gname)
-                means[(method, gname, key)] = m
-                cells.append(fmt_mean_std(m, s))
+            cells = [fmt_mean_std(*aggregate(rs, "test", protocol, key, gname)[:2]) for _, gname, key in cols]
             rows.append([model, method, len(rs), fmt_mean_std(v[0], v[1])] + cells)
         for method in METHOD_CHOICES[1:]:
             if (model, "none") in rows_by_key and (model, method) in rows_by_key:
-                gains = [fmt_gain(relative_gain(means.get(("none", g, k)), means.get((method, g, k))))
-                         for _, g, k in cols]
-                rows.append([model, f"gain {method} vs none", "", ""] + gains)
+                label, base, new = matched_seeds(_records(rows_by_key[(model, "none")]),
+                                                 _records(rows_by_key[(model, method)]))
+                gains = [fmt_gain(relative_gain(aggregate(base, "test", protocol, k, g)[0],
+                                                aggregate(new, "test", protocol, k, g)[0])) for _, g, k in cols]
+                rows.append([model, f"gain {method} vs none{label}", "", ""] + gains)
     return _md_table(header, rows) + _mix_note(rows_by_key)
 
 
@@ -777,7 +786,8 @@ def write_report(results_dir, command=None) -> Path:
         "* Cells are mean ± sample standard deviation (n − 1) over the seeds in the `seeds` column; one seed shows "
         "the value only.",
         "* `gain <method> vs none` = (mean method − mean none) / mean none × 100, same backbone, protocol and "
-        "column.",
+        "column, both means over the seeds the two rows share (named in the row when one row has seeds the other "
+        "lacks).",
         "* User-length groups count training items (sequence minus validation and test items), never pseudo "
         "items; each column names the group's range and its number of test users.",
         "",

@@ -206,6 +206,23 @@ def test_report_maths_tables_and_plots_from_a_handmade_runs_file(tmp_path):
         ("SASRec", "llmser")][0][1]["overall"][0] == 0.2
 
 
+def test_main_table_gain_compares_the_seeds_both_methods_have(tmp_path):
+    recs = [_record("BERT4Rec", "none", s, v) for s, v in zip((42, 43, 44), (0.1, 0.2, 0.3))]
+    recs += [_record("BERT4Rec", "llmser", 42, 0.15, aug=AUG)]  # one seed so far
+    recs += [_record("SASRec", m, s, v) for m, v in (("none", 0.2), ("llmser", 0.3)) for s in (42, 43)]
+    for r in recs:
+        ex.append_jsonl(tmp_path / "runs.jsonl", r)
+    main = ex.write_report(tmp_path, "cmd").read_text().split("## Main results")[1].split("\n## ")[0]
+    gains = [ln for ln in main.splitlines() if ln.startswith("| BERT4Rec | gain")]
+    assert len(gains) == 2 and all(ln.startswith("| BERT4Rec | gain llmser vs none (seeds both have: 42) |")
+                                   for ln in gains)  # one per protocol
+    for ln in gains:  # seed 42 against seed 42 (+50 %), not against the 3-seed mean 0.2 (−25 %)
+        assert "+50.0%" in ln and "-25.0%" not in ln
+    assert "| BERT4Rec | none | 3 | " in main  # the method rows still average all their seeds
+    assert "| SASRec | gain llmser vs none | " in main  # same seeds: no label
+    assert ex.matched_seeds(recs[:1], recs[1:2])[0] == " (seeds both have: none)"
+
+
 def test_runs_table_shows_kept_and_trained_epochs_and_names_runs_stopped_at_the_cap(tmp_path):
     capped, early, old = (_record("SASRec", m, 42, 0.2) for m in ("none", "llmser", "x"))
     for r, (kept, trained) in ((capped, (20, 20)), (early, (9, 14))):
