@@ -560,7 +560,8 @@ def main_table(entries, protocol):
 
 def labelled_table(entries, protocol):
     """Rows = (label, backbone, method) in plan order; columns = valid NDCG@10, test metrics overall and per
-    group; plus the relative change of overall NDCG@10 against the first row and the row validation chooses."""
+    group; plus the relative change of overall NDCG@10 against the first row (over the seeds both rows have) and
+    the row validation chooses."""
     recs = _records(entries)
     rows_by_key = group_rows(entries, lambda e: (e[2] or f"{e[0]['model']} {e[0]['method']}", e[0]["model"],
                                                  e[0]["method"]))
@@ -573,12 +574,12 @@ def labelled_table(entries, protocol):
         rs = _records(group)
         v = aggregate(rs, "valid", protocol, "ndcg@10")
         cells = [fmt_mean_std(*aggregate(rs, "test", protocol, key, g)[:2]) for _, g, key in cols]
-        overall = aggregate(rs, "test", protocol, "ndcg@10")[0]
         if ref is None:
-            ref = overall
-            delta = "reference"
+            ref, delta = rs, "reference"
         else:
-            delta = fmt_gain(relative_gain(ref, overall))
+            seeds, base, new = matched_seeds(ref, rs)
+            delta = fmt_gain(relative_gain(aggregate(base, "test", protocol, "ndcg@10")[0],
+                                           aggregate(new, "test", protocol, "ndcg@10")[0])) + seeds
         rows.append([label, model, method, len(rs), fmt_mean_std(v[0], v[1])] + cells + [delta, choice])
     return _md_table(header, rows) + _mix_note(rows_by_key)
 
@@ -786,8 +787,8 @@ def write_report(results_dir, command=None) -> Path:
         "* Cells are mean ± sample standard deviation (n − 1) over the seeds in the `seeds` column; one seed shows "
         "the value only.",
         "* `gain <method> vs none` = (mean method − mean none) / mean none × 100, same backbone, protocol and "
-        "column, both means over the seeds the two rows share (named in the row when one row has seeds the other "
-        "lacks).",
+        "column; `Δ NDCG@10 vs first row` likewise against a table's first row. Both means are over the seeds the "
+        "two rows share (named in the cell when one row has seeds the other lacks).",
         "* User-length groups count training items (sequence minus validation and test items), never pseudo "
         "items; each column names the group's range and its number of test users.",
         "",

@@ -206,7 +206,7 @@ def test_report_maths_tables_and_plots_from_a_handmade_runs_file(tmp_path):
         ("SASRec", "llmser")][0][1]["overall"][0] == 0.2
 
 
-def test_main_table_gain_compares_the_seeds_both_methods_have(tmp_path):
+def test_gains_compare_the_seeds_both_rows_have(tmp_path):
     recs = [_record("BERT4Rec", "none", s, v) for s, v in zip((42, 43, 44), (0.1, 0.2, 0.3))]
     recs += [_record("BERT4Rec", "llmser", 42, 0.15, aug=AUG)]  # one seed so far
     recs += [_record("SASRec", m, s, v) for m, v in (("none", 0.2), ("llmser", 0.3)) for s in (42, 43)]
@@ -221,6 +221,10 @@ def test_main_table_gain_compares_the_seeds_both_methods_have(tmp_path):
     assert "| BERT4Rec | none | 3 | " in main  # the method rows still average all their seeds
     assert "| SASRec | gain llmser vs none | " in main  # same seeds: no label
     assert ex.matched_seeds(recs[:1], recs[1:2])[0] == " (seeds both have: none)"
+    # an ablation table's Δ against its first row: the same rule
+    entries = [(r, "ablation", r["method"], None) for r in recs[:4]]
+    delta = ex.labelled_table(entries, "full").splitlines()[3].split(" | ")[-2]
+    assert delta == "+50.0% (seeds both have: 42)"
 
 
 def test_runs_table_shows_kept_and_trained_epochs_and_names_runs_stopped_at_the_cap(tmp_path):
