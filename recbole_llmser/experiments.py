@@ -384,9 +384,10 @@ def aggregate(records, split, protocol, metric, group=None):
 def matched_seeds(base, new):
     """``(label, base, new)``: both lists of run records kept to the seeds both have, so a gain compares like with
     like; ``label`` is empty when their seeds already agree, else names the shared seeds (``"none"`` if none)."""
-    common = {r["seed"] for r in base} & {r["seed"] for r in new}
-    if common == {r["seed"] for r in base} == {r["seed"] for r in new}:
+    base_seeds, new_seeds = {r["seed"] for r in base}, {r["seed"] for r in new}
+    if base_seeds == new_seeds:
         return "", base, new
+    common = base_seeds & new_seeds
     names = ", ".join(str(s) for s in sorted(common)) or "none"
     return (f" (seeds both have: {names})", [r for r in base if r["seed"] in common],
             [r for r in new if r["seed"] in common])
