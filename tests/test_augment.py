@@ -168,6 +168,33 @@ def test_helper_models_train_on_training_prefixes_only(tiny_data, tmp_cwd, monke
             assert seq == (prefix[::-1] if direction == "reverse" else prefix)
 
 
+def test_a_helper_stopped_mid_training_is_trained_again_not_reused(tiny_data, tmp_cwd, monkeypatch):
+    # without validation RecBole saves the helper after every epoch; a run stopped after such a save (the end of a
+    # session, Ctrl-C) must not leave a file that the next run reuses as a fully trained helper
+    from recbole.trainer import Trainer
+
+    data, _ = tiny_data
+    original = Trainer._save_checkpoint
+
+    def save_then_stop(self, epoch, verbose=True, **kwargs):
+        original(self, epoch, verbose=verbose, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        _augment(data, ccg_epochs=2)
+    assert list(tmp_cwd.rglob("ccg-*.pth")) == [] and len(list(tmp_cwd.rglob(".ccg-*.partial"))) == 1
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", original)
+    trained = []
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, *a, **k: trained.append(1) or fit(self, *a, **k))
+    path, _, _ = _augment(data, ccg_epochs=2)
+    assert len(trained) == 2  # both helpers trained anew, none reused
+    names = sorted(m.name for m in (path.parent.parent / "models").iterdir())
+    assert len(names) == 2 and all(n.startswith("ccg-") and n.endswith(".pth") for n in names)
+
+
 def test_llmser_all_stages_in_one_run(tiny_data, tmp_cwd):
     """The default method: augment (offline), then dual-channel training with the artifact, grouped results."""
     data, sequences = tiny_data

@@ -21,6 +21,7 @@ reused when that hash is unchanged.
 from __future__ import annotations
 
 import copy
+import os
 from logging import getLogger
 from pathlib import Path
 
@@ -163,8 +164,12 @@ def train_helper(config, dataset, users, sequences, direction: str, out_dir: Pat
                     f"of {len(sequences)} training prefixes for {helper['epochs']} epochs"
                     + (" (all-positions path)" if windows else ""))
         trainer = (DualChannelTrainer if windows else SequentialTrainer)(helper, model)
-        trainer.saved_model_file = str(path)
+        # without validation RecBole saves after every epoch: save under a temp name and rename once training is
+        # over, so a run stopped mid-training never leaves a part-trained helper under the name that is reused
+        partial = path.with_name(f".{path.name}.partial")
+        trainer.saved_model_file = str(partial)
         trainer.fit(train_data, None, saved=True, show_progress=helper["show_progress"])
+        os.replace(partial, path)
         logger.info(f"CCG: saved the {direction} helper model to {path}")
     model.eval()
     return model
