@@ -323,6 +323,7 @@ AUG_VALIDATORS = {
     "snf_mode": _choice("filter", "ccg_top", "random"),
     "arv_weight": lambda k, v: v is None or _unit_interval(k, v),
     "llm_backend": _choice("auto", "openai", "offline"),
+    "llm_retry_failed": _bool,
     "semantic_backend": _choice("auto", "minilm", "sentence-transformers", "openai", "tfidf"),
     "semantic_match_threshold": _unit_interval,
     "semantic_batch_size": _positive_int,

@@ -1,6 +1,8 @@
 """The augmentation stage end to end on tiny data: offline, through a local OpenAI-compatible server, text-free."""
 
+import contextlib
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -78,8 +80,8 @@ def test_llm_backend_cached_rerun_faults_and_secrets(tiny_data, tmp_cwd, monkeyp
 
         failed = sum(summary["llm"]["failures"].values())
         assert failed > 0  # injected malformed bodies: not cached, answered by the fallback
-        # a second run reuses the artifact: zero calls
-        assert _augment(data, **llm)[1] == records and server.calls() == 2 * len(sequences)
+        # a second run told not to re-ask failed calls reuses the artifact: zero calls
+        assert _augment(data, llm_retry_failed=False, **llm)[1] == records and server.calls() == 2 * len(sequences)
         # without the artifact, the LLM cache answers everything that succeeded; only what is not in it is asked:
         # the failed SNF requests, the failed ARV requests, and the ARV requests of users whose SNF answer
         # changes (ARV's candidates follow the kept pseudo items, so a retried SNF call may change its prompt)
@@ -113,6 +115,116 @@ def test_llm_backend_cached_rerun_faults_and_secrets(tiny_data, tmp_cwd, monkeyp
         if file.is_file():
             assert SECRET.encode() not in file.read_bytes(), file
     assert SECRET not in caplog.text
+
+
+@contextlib.contextmanager
+def _recbole_log_file():
+    """Inside the block RecBole's init_logger attaches its log file, as in a real run: pytest's handlers on the root
+    logger make its ``logging.basicConfig`` a no-op otherwise."""
+    root = logging.getLogger()
+    handlers, level = root.handlers, root.level
+    root.handlers = []
+    try:
+        yield
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers = handlers
+        root.setLevel(level)
+
+
+def _spy_requests(monkeypatch):
+    """Record (cache key, request id) of every request the LLM client is asked, in order."""
+    asked = []
+    original = LLMClient.run
+
+    def spy(self, requests, desc="LLM"):
+        asked.extend((self.key(r), r.id) for r in requests)
+        return original(self, requests, desc)
+
+    monkeypatch.setattr(LLMClient, "run", spy)
+    return asked
+
+
+def _cached_keys(root):
+    (cache_file,) = Path(root).rglob("llm_cache.jsonl")
+    return {json.loads(line)["key"] for line in cache_file.read_text().splitlines()}
+
+
+def _users(pairs, stage):
+    """Users of the request ids of one stage (ids are ``<stage>:<user>``)."""
+    return {rid.split(":", 1)[1] for _, rid in pairs if rid.startswith(f"{stage}:")}
+
+
+def test_failed_llm_calls_are_listed_then_reasked_when_the_endpoint_is_back(tiny_data, tmp_cwd, monkeypatch):
+    data, sequences = tiny_data
+    asked = _spy_requests(monkeypatch)
+    with FakeLLMServer(injection="sticky") as server:
+        server.rate_500 = 0.25  # the same prompts fail on every attempt: the client's own retries cannot help
+        llm = dict(llm_base_url=server.base_url, llm_model="fake-llm")
+        path, records, summary = _augment(data, **llm)
+        failed = {stage: set(users) for stage, users in summary["llm_failed"].items()}
+        assert failed["snf"] and failed["arv"] and summary["llm_reasked_users"] == 0
+        assert {kind for users in summary["llm_failed"].values() for kind in users.values()} == {"server"}
+        cached = _cached_keys(tmp_cwd)  # failed calls are not cached: the listed users are exactly theirs
+        not_cached = [(key, rid) for key, rid in asked if key not in cached]
+        assert _users(not_cached, "snf") == failed["snf"] and _users(not_cached, "arv") == failed["arv"]
+        by_user = {r["user_id"]: r for r in records}
+        assert set(by_user) == set(sequences)  # snf_fallback: ccg_order keeps every user
+        for user, r in by_user.items():
+            assert r["llm_failed"] == ([s for s in ("snf", "arv") if user in failed[s]] or None), user
+        assert all(by_user[user]["ccg_rank"] == [4, 3, 2, 1] for user in failed["snf"])  # CCG's top M
+
+        # the endpoint is back: only the failed calls reach it (plus the ARV calls of users whose SNF answer, and
+        # so whose ARV candidates, changed); the artifact is rewritten in place
+        server.rate_500 = 0.0
+        server.reset()
+        del asked[:]
+        n_failed = len(failed["snf"] | failed["arv"])
+        with _recbole_log_file():
+            _augment(data, state="INFO", **llm)
+        new = {key: rid for key, rid in asked if key not in cached}
+        assert server.calls() == len(new) and 0 < len(new) < len(asked)
+        assert _users(new.items(), "snf") == failed["snf"]
+        assert failed["arv"] <= _users(new.items(), "arv") <= failed["arv"] | failed["snf"]
+        path2, records2, summary2 = _augment(data, **llm)  # and a third run reuses the rewritten artifact
+        assert server.calls() == len(new)
+    assert path2 == path and sorted(f.name for f in path.parent.iterdir()) == ["artifact.jsonl", "summary.json"]
+    assert summary2["llm_failed"] == {"snf": {}, "arv": {}} and summary2["llm_reasked_users"] == n_failed
+    assert summary2["llm"]["calls"] == len(new) and summary2["llm"]["failures"] == {}
+    assert len(records2) == len(sequences) and all(r["llm_failed"] is None for r in records2)
+    _check_records(records2, sequences, 8)
+    changed = {r["user_id"] for r in records2 if r != by_user[r["user_id"]]}
+    assert changed and changed <= failed["snf"] | failed["arv"]  # the other users' records are as they were
+    # the log says how many users were re-asked, and holds no line per HTTP request
+    (text,) = [t for t in (f.read_text() for f in tmp_cwd.rglob("*.log")) if t]  # the second run's log
+    assert f"holds {n_failed} user(s) whose LLM calls failed" in text and "augmentation: backend llm" in text
+    assert "HTTP Request" not in text and "Retrying request" not in text
+
+
+def test_llm_retry_failed_false_reuses_the_artifact_untouched(tiny_data, tmp_cwd):
+    data, sequences = tiny_data
+    with pytest.raises(LLMSeRError, match="'llm_retry_failed'.*true or false"):
+        _augment(data, llm_retry_failed="sometimes")
+    with FakeLLMServer() as server:
+        server.rate_500 = 1.0  # every call fails: every user falls back
+        llm = dict(llm_base_url=server.base_url, llm_model="fake-llm", llm_max_retries=0)
+        path, records, summary = _augment(data, **llm)
+        assert set(summary["llm_failed"]["snf"]) == set(summary["llm_failed"]["arv"]) == set(sequences)
+        assert all(r["llm_failed"] == ["snf", "arv"] for r in records)
+        before = {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in path.parent.iterdir()}
+        server.rate_500 = 0.0
+        server.reset()
+        again, _, _ = _augment(data, llm_retry_failed=False, **llm)  # the property is not part of the folder hash
+        assert again == path and server.calls() == 0
+        assert {f.name: (f.read_bytes(), f.stat().st_mtime_ns) for f in path.parent.iterdir()} == before
+        # a summary written before failed users were listed: its count of failed calls still asks them again
+        summary.pop("llm_failed")
+        (path.parent / "summary.json").write_text(json.dumps(summary))
+        _, records, summary = _augment(data, **llm)
+        assert server.calls() == 2 * len(sequences) and summary["llm"]["failures"] == {}
+        assert summary["llm_reasked_users"] is None  # users unknown: the old summary counted calls
+        assert summary["llm_failed"] == {"snf": {}, "arv": {}} and all(r["llm_failed"] is None for r in records)
 
 
 def test_dry_run_makes_no_call(tiny_data, tmp_cwd, capsys):

@@ -336,6 +336,42 @@ def test_budget_with_concurrency_overshoots_by_at_most_the_calls_in_flight(serve
     assert 1 <= info.value.finished <= 4 and len(ResponseCache(cache_path)) == info.value.finished
 
 
+# ----- logging -------------------------------------------------------------------------------------------------
+def test_http_request_lines_stay_out_of_the_log(server, cache_path):
+    """The transport logs one INFO line per request; with the root at INFO (RecBole's state: INFO) none gets out."""
+    seen = []
+    handler = logging.Handler(logging.DEBUG)
+    handler.emit = seen.append
+    root, levels = logging.getLogger(), {name: logging.getLogger(name).level for name in llm.HTTP_LOGGERS}
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        server.injection, server.rate_500 = "every", 0.3  # retried requests: the openai logger's retry lines too
+        results = make_client(server, cache_path, max_retries=1).run(snf_requests(6), desc="SNF")
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    assert server.calls() > 6 and any(r.ok for r in results)
+    messages = [r.getMessage() for r in seen]
+    assert any(m.startswith("SNF: 6 request(s)") for m in messages)  # our INFO/WARNING lines do get through
+    assert not [m for m in messages if "HTTP Request" in m or "Retrying request" in m], messages
+    assert {name: logging.getLogger(name).level for name in llm.HTTP_LOGGERS} == levels  # restored afterwards
+
+
+def test_quiet_http_logs_keeps_levels_set_on_purpose():
+    transport, sdk = logging.getLogger("httpx2"), logging.getLogger("openai")
+    assert transport.level == sdk.level == logging.NOTSET
+    sdk.setLevel(logging.DEBUG)  # what OPENAI_LOG=debug does
+    try:
+        with llm.quiet_http_logs():
+            assert transport.level == logging.WARNING and sdk.level == logging.DEBUG
+            assert logging.getLogger("httpx").level == logging.WARNING
+        assert transport.level == logging.NOTSET and sdk.level == logging.DEBUG
+    finally:
+        sdk.setLevel(logging.NOTSET)
+
+
 # ----- secrets -------------------------------------------------------------------------------------------------
 def test_api_key_reaches_the_server_but_no_log_cache_or_repr(server, cache_path, caplog, monkeypatch):
     caplog.set_level(logging.DEBUG)

@@ -26,6 +26,9 @@ key                        default         meaning
 ``llm_price_completion``   ``0.60``        USD per 1M completion tokens
 ``llm_budget_tokens``      ``~``           prompt + completion tokens this client may spend on real calls
                                            (``~``: unlimited); see "Budget" below
+``llm_retry_failed``       ``true``        read by ``augment/pipeline.py``: a reused artifact whose users fell
+                                           back because their calls failed is rebuilt, asking those calls
+                                           again; see "Failures" below. ``false``: reuse it as is
 =========================  ==============  ================================================================
 
 The API key is never logged, cached, written to a file or shown by ``repr(LLMSettings)``.
@@ -37,8 +40,9 @@ Cache
 ``write`` + ``fsync`` as soon as the call finishes, so a killed run loses no finished call and a re-run makes no
 call it already paid for. The key is a sha256 over the model, the messages, the sampling parameters
 (temperature, max_tokens, seed, structured-output flag and schema) and the prompt template version; never the
-API key or the endpoint. Failed calls are not cached (a re-run retries them); answers that later prove
-malformed or refusals are (they are what the model said). When the server rejects structured output, the
+API key or the endpoint. Failed calls are not cached (a re-run makes them again; see "Failures" for
+artifacts built while calls failed); answers that later prove malformed or refusals are (they are what the
+model said). When the server rejects structured output, the
 plain-text answers are stored under the configured request's key, so re-running the same configuration makes
 no call.
 
@@ -52,6 +56,20 @@ get past (401, 403, 404: wrong key, no access, unknown model or route): then no 
 in flight finish and are cached, and ``run`` raises :class:`LLMSeRError`. A 400 that mentions
 ``response_format``/``json_schema`` switches the run to plain text (logged once) and the call is made again
 without it (a different request, not a retry).
+
+A user whose SNF or ARV call failed falls back (``snf_fallback``; CCG order for ARV). The kinds in
+:data:`RETRYABLE_ERROR_KINDS` (``rate_limit``, ``server``, ``timeout``, ``connection``: the endpoint or the
+network failed, not the model) are *failed calls*: the augmentation artifact's summary lists those users
+(``llm_failed``), and a later run that finds the artifact rebuilds it (``llm_retry_failed``, default true):
+the cache answers every call that succeeded, so only the failed calls (and the ARV calls of users whose SNF
+answer thereby changes) reach the endpoint. ``bad_request`` (the endpoint rejected this very request, e.g. a
+prompt over the context length) and ``empty`` (a 200 answer without text) are not: asking the same request
+again gets the same answer, like a refusal. A spent budget or a fatal error stops the run before any artifact
+is written, so there is nothing to list: the re-run resumes from the cache.
+
+The openai client's transport logs one INFO line per HTTP request (``httpx``, or ``httpx2`` in openai 3.x)
+and one per retry (``openai``); :func:`quiet_http_logs` raises those loggers to WARNING while calls are made
+(a level set on purpose, e.g. by ``OPENAI_LOG=debug``, is kept).
 
 Budget
 ======
@@ -67,6 +85,7 @@ the cache.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -87,6 +106,11 @@ log = logging.getLogger(__name__)
 
 #: What went wrong with a call, after the openai client's own retries.
 ERROR_KINDS = ("rate_limit", "server", "timeout", "connection", "bad_request", "empty")
+#: Failures of the endpoint or the network, not of the request or the answer: a later run asks them again.
+RETRYABLE_ERROR_KINDS = ("rate_limit", "server", "timeout", "connection")
+
+#: Loggers that write one INFO line per HTTP request or retry (httpx2: openai 3.x's transport; httpx: older).
+HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")
 
 #: API key sent to an endpoint configured without one (local servers ignore it; the openai client needs one).
 PLACEHOLDER_API_KEY = "not-needed"
@@ -222,6 +246,11 @@ class LLMResult:
     def ok(self) -> bool:
         return self.text is not None
 
+    @property
+    def retryable(self) -> bool:
+        """Whether the call failed for a reason a later call may not meet (:data:`RETRYABLE_ERROR_KINDS`)."""
+        return self.error_kind in RETRYABLE_ERROR_KINDS
+
 
 @dataclass
 class LLMStats:
@@ -254,6 +283,24 @@ class BudgetExceeded(LLMSeRError):
         )
         self.spent, self.budget, self.finished, self.not_started, self.results = (
             spent, budget, finished, not_started, results)
+
+
+# ----- logging -------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def quiet_http_logs(names=HTTP_LOGGERS, level: int = logging.WARNING):
+    """Inside the block, the loggers ``names`` whose level is unset log at ``level`` at least; restored after.
+
+    RecBole's logger writes INFO to the run's log: one line per call would bury the run's own lines. A logger
+    given a level on purpose (``OPENAI_LOG=debug`` sets ``openai``'s) is left alone.
+    """
+    changed = [logging.getLogger(name) for name in names if logging.getLogger(name).level == logging.NOTSET]
+    for logger in changed:
+        logger.setLevel(level)
+    try:
+        yield
+    finally:
+        for logger in changed:
+            logger.setLevel(logging.NOTSET)
 
 
 # ----- cache ---------------------------------------------------------------------------------------------------
@@ -504,7 +551,8 @@ class LLMClient:
         answered: dict[str, LLMResult] = {}
         try:
             if misses:
-                await self._call_all(misses, answered, desc)
+                with quiet_http_logs():
+                    await self._call_all(misses, answered, desc)
         finally:
             self.stats.wall_time += time.monotonic() - start
         caller = {}  # key -> position of the request that made the call
@@ -556,9 +604,6 @@ class LLMClient:
         if not s.configured:
             raise LLMSeRError("no LLM endpoint configured: set OPENAI_BASE_URL (or llm_base_url) for a local "
                               "server, or OPENAI_API_KEY for OpenAI's API")
-        # httpx logs every request at INFO, and RecBole's logger writes INFO to the run's log: one line per
-        # call (tens of thousands per dataset) would bury the run's own log lines.
-        logging.getLogger("httpx").setLevel(logging.WARNING)
         return openai.AsyncOpenAI(base_url=s.base_url, api_key=s.api_key or PLACEHOLDER_API_KEY,
                                   timeout=s.timeout, max_retries=s.max_retries)
 

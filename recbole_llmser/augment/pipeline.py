@@ -3,7 +3,9 @@
 Outputs, under ``<checkpoint_dir>/<dataset>/augment/``:
 
 * ``<config hash>/artifact.jsonl`` — one record per augmented user (see :func:`_record`), written atomically;
-* ``<config hash>/summary.json`` — counts (users, calls, cache hits, tokens, failures by kind), timings per stage;
+* ``<config hash>/summary.json`` — counts (users, calls, cache hits, tokens, failures by kind), timings per stage,
+  ``llm_failed``: per stage (``snf``, ``arv``), the users whose LLM call failed (user -> error kind), and
+  ``llm_reasked_users``: how many users a rebuild of the artifact asked again (0: built afresh);
 * ``models/`` — the reverse and forward helper checkpoints (explicit names, reused when unchanged);
 * ``llm_cache.jsonl`` — every finished LLM call (crash-safe; shared by all configurations of the dataset);
 * ``embeddings/`` — item text embeddings of the semantic backend (computed once per dataset and backend).
@@ -16,6 +18,14 @@ Backends, named in the log, the summary and every record:
 * ``model``: the dataset has no item text (``text: none``): SNF keeps the candidates the forward helper model
   scores highest after the user's history, ARV takes the forward model's top candidate and measures
   w_u with the cosine of the forward model's item embeddings.
+
+Failed LLM calls: a user whose SNF or ARV call failed (the endpoint or the network, see
+:data:`~recbole_llmser.augment.llm.RETRYABLE_ERROR_KINDS`) falls back (``snf_fallback``; CCG order for ARV), is
+listed in the summary's ``llm_failed`` and, when it has a record, names the stages in the record's
+``llm_failed``. A later run finding that artifact rebuilds it (``llm_retry_failed: true``, the default), logging
+how many users it re-asks: the LLM cache answers every call that succeeded, so only the failed calls (and the ARV
+calls of users whose SNF answer changes) reach the endpoint; the artifact and summary are replaced atomically.
+``llm_retry_failed: false`` reuses the artifact as it is. The property is not part of the folder hash.
 
 Ablations (properties): ``snf_mode: ccg_top`` keeps CCG's top M candidates without any filtering (an ASReP-like
 reverse-model augmentation); ``snf_mode: random`` prepends M items drawn uniformly from the catalogue instead;
@@ -118,7 +128,15 @@ class _Titles:
 def run_augmentation(config, dataset, dry_run: bool = False):
     """Run CCG, SNF and ARV for ``dataset`` (our unbuilt SequentialDataset); returns the artifact path.
 
-    With ``dry_run`` prints the LLM estimate (calls, tokens, cost) and returns None without calling."""
+    With ``dry_run`` prints the LLM estimate (calls, tokens, cost) and returns None without calling. HTTP clients
+    log no line per request meanwhile (:func:`~recbole_llmser.augment.llm.quiet_http_logs`)."""
+    from recbole_llmser.augment.llm import quiet_http_logs
+
+    with quiet_http_logs():
+        return _run_augmentation(config, dataset, dry_run)
+
+
+def _run_augmentation(config, dataset, dry_run):
     logger = getLogger()
     start = time.monotonic()
     timings = {}
@@ -127,9 +145,18 @@ def run_augmentation(config, dataset, dry_run: bool = False):
     prefixes = ccg.training_prefixes(config, seqs)
     out_dir = augmentation_dir(config, backend, prefixes)
     artifact = out_dir / ARTIFACT
+    reasked = 0
     if artifact.is_file() and (out_dir / SUMMARY).is_file() and not dry_run:
-        logger.info(f"augmentation: reusing {artifact} (same configuration and data)")
-        return artifact
+        reasked, unlisted = _failed_in(config, backend, out_dir / SUMMARY)
+        if not reasked:
+            logger.info(f"augmentation: reusing {artifact} (same configuration and data)")
+            return artifact
+        what = ("failed LLM call(s) (its summary predates the list of their users)" if unlisted
+                else "user(s) whose LLM calls failed")
+        logger.info(f"augmentation: {artifact} holds {reasked} {what} when it was made; re-asking the LLM for them "
+                    "(answers that succeeded come from the LLM cache) and rewriting it (llm_retry_failed: false "
+                    "reuses it as is)")
+        reasked = None if unlisted else reasked
     root = out_dir.parent
     tok = lambda i: dataset.id2token(dataset.iid_field, int(i))  # noqa: E731
     utok = lambda u: dataset.id2token(dataset.uid_field, int(u))  # noqa: E731
@@ -155,6 +182,7 @@ def run_augmentation(config, dataset, dry_run: bool = False):
     # ----- SNF ----------------------------------------------------------------------------------------------
     t = time.monotonic()
     stats = {"snf_status": {}, "arv_status": {}}
+    failed = {"snf": {}, "arv": {}}  # stage -> {user index: error kind} of calls that failed (RETRYABLE_ERROR_KINDS)
     texts = item_texts(dataset, config["item_text_field"]) if backend != "model" else None
     matcher = None
     if texts is not None:
@@ -197,7 +225,7 @@ def run_augmentation(config, dataset, dry_run: bool = False):
         snf_picks = [list(range(K)) for _ in idx]
     elif client is not None:
         snf_picks = _llm_picks(client, requests, [titles(c) for c in cands], k, M, config, matcher,
-                               stats["snf_status"], "SNF", tokens, idx)
+                               stats["snf_status"], "SNF", tokens, idx, failed["snf"])
     elif backend == "offline":
         snf_picks = [ranker.rank(emb[prefixes[i][-hist_max:]], emb[cands[row]], k) for row, i in enumerate(idx)]
     else:  # model: forward-model scores of the K candidates after the user's history
@@ -221,7 +249,8 @@ def run_augmentation(config, dataset, dry_run: bool = False):
         requests = [_arv_request(utok(users[idx[row]]), titles(prefixes[idx[row]][:-1][-hist_max:]),
                                  titles(arv_cands[j]), n_arv) for j, row in enumerate(rows)]
         picks = _llm_picks(client, requests, [titles(c) for c in arv_cands], 1, 1, config, matcher,
-                           stats["arv_status"], "ARV", tokens, [idx[row] for row in rows], fallback="ccg_order")
+                           stats["arv_status"], "ARV", tokens, [idx[row] for row in rows], failed["arv"],
+                           fallback="ccg_order")
         picked = [p[0] for p in picks]
     elif backend == "offline":
         picked = [ranker.pick(emb[prefixes[idx[row]][:-1][-hist_max:]], emb[arv_cands[j]]) for j, row in enumerate(rows)]
@@ -253,7 +282,7 @@ def run_augmentation(config, dataset, dry_run: bool = False):
             w=w, w_tilde=decayed_weight(w, len(items), len(prefix), threshold, M, beta),
             backend=backend, llm_model=model_name, text=config["item_text_field"] or "none",
             arv_status="verified" if row in predicted else ("mean" if const_w is None else "constant"),
-            tokens=tokens.get(i),
+            tokens=tokens.get(i), llm_failed=[stage for stage, users_failed in failed.items() if i in users_failed],
         ), ensure_ascii=False))
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(artifact, "\n".join(lines) + ("\n" if lines else ""))
@@ -264,17 +293,43 @@ def run_augmentation(config, dataset, dry_run: bool = False):
         "skipped_users": len(idx) - len(pseudo), "verified_users": len(rows), "mean_w": fill,
         "snf_mode": snf_mode, "arv_weight": const_w,
         "llm": client.stats.as_dict() if client else None, **stats,
+        "llm_failed": {stage: {utok(users[i]): kind for i, kind in sorted(f.items())} for stage, f in failed.items()},
+        "llm_reasked_users": reasked,
         "timings_s": {k: round(v, 2) for k, v in timings.items()}, "artifact": str(artifact),
         "settings": {k: config[k] for k in AUG_KEYS},
     }
     atomic_write_json(out_dir / SUMMARY, summary)
     logger.info(f"augmentation: {len(pseudo)} users augmented (backend {backend}); artifact {artifact}, "
                 f"summary {out_dir / SUMMARY}")
+    n_failed = len(set(failed["snf"]) | set(failed["arv"]))
+    if n_failed:
+        logger.warning(f"augmentation: {n_failed} user(s) fell back because their LLM calls failed (listed in "
+                       f"{SUMMARY} under llm_failed); a later run re-asks them (llm_retry_failed)")
     return artifact
 
 
+def _failed_in(config, backend, summary_path) -> tuple:
+    """(n, unlisted): the n users of an existing artifact that fell back because their LLM calls failed, when a run
+    should ask them again (``llm_retry_failed``, LLM backend); else n = 0. A summary from before users were listed
+    (no ``llm_failed``: ``unlisted`` is True) gives its count of such failed calls instead."""
+    from recbole_llmser.augment.llm import RETRYABLE_ERROR_KINDS
+
+    if backend != "llm" or config["llm_retry_failed"] is False:
+        return 0, False
+    try:
+        summary = json.loads(Path(summary_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        getLogger().warning(f"augmentation: {summary_path} unreadable ({type(err).__name__}); reusing its artifact")
+        return 0, False
+    listed = summary.get("llm_failed")
+    if listed is None:
+        failures = (summary.get("llm") or {}).get("failures") or {}
+        return sum(n for kind, n in failures.items() if kind in RETRYABLE_ERROR_KINDS), True
+    return len({user for users in listed.values() for user in users}), False
+
+
 def _record(user, pseudo, cands, snf_order, masked, predicted, w, w_tilde, backend, llm_model, text, arv_status,
-            tokens):
+            tokens, llm_failed):
     from recbole_llmser.augment.prompts import ARV_TEMPLATE_VERSION, SNF_TEMPLATE_VERSION
 
     return {
@@ -286,6 +341,7 @@ def _record(user, pseudo, cands, snf_order, masked, predicted, w, w_tilde, backe
         "templates": {"snf": SNF_TEMPLATE_VERSION, "arv": ARV_TEMPLATE_VERSION} if backend == "llm" else None,
         "tokens": {"prompt": tokens[0], "completion": tokens[1]} if tokens else None,
         "prompt_hashes": tokens[2] if tokens else None,
+        "llm_failed": llm_failed or None,
     }
 
 
@@ -328,11 +384,12 @@ def _llm_client(config, root):
                      progress=bool(config["show_progress"]))
 
 
-def _llm_picks(client, requests, cand_titles, want, keep, config, matcher, status, stage, tokens, users,
+def _llm_picks(client, requests, cand_titles, want, keep, config, matcher, status, stage, tokens, users, failed,
                fallback=None):
     """Ask the LLM; map each answer onto its candidates (never outside them); apply the fallback policy.
 
-    Adds each call's tokens and prompt hash to ``tokens[user index]``."""
+    Adds each call's tokens and prompt hash to ``tokens[user index]``, and the error kind of each call that failed
+    (:attr:`~recbole_llmser.augment.llm.LLMResult.retryable`) to ``failed[user index]``."""
     from recbole_llmser.augment.llm import BudgetExceeded
     from recbole_llmser.augment.matching import apply_fallback, match_answer
 
@@ -355,6 +412,8 @@ def _llm_picks(client, requests, cand_titles, want, keep, config, matcher, statu
         else:
             match = match_answer("", titles, want)
             status[f"error:{result.error_kind}"] = status.get(f"error:{result.error_kind}", 0) + 1
+            if result.retryable:
+                failed[user] = result.error_kind
         status[match.status] = status.get(match.status, 0) + 1
         filled = apply_fallback(match, len(titles), keep, policy)
         picks.append(None if filled is None else list(filled.indices))
