@@ -124,15 +124,27 @@ class ConfigCompatMixin:
         }
 
 
-def load_checkpoint(path, map_location):
-    """torch.load for checkpoints this package wrote.
+def load_checkpoint(path, map_location, digest_dir=None):
+    """torch.load for checkpoints this package wrote, refused (one-line ``LLMSeRError``) for any other file.
 
     torch >= 2.6 defaults to ``weights_only=True``; RecBole's checkpoints pickle the Config
     (recbole/trainer/trainer.py:296-304), so recbole/trainer/trainer.py:323 (resume_checkpoint) and :583
-    (evaluate with load_best_model=True) fail. Only ever called on files written by our own trainer.
+    (evaluate with load_best_model=True) fail. Unpickling runs code, so the file is loaded only when its sha256 is
+    the one this package recorded when it wrote it (``<path>.sha256``, or in ``digest_dir``; see
+    ``recbole_llmser.utils.record_digest``).
     """
+    import os
+
     import torch
 
+    from recbole_llmser.errors import LLMSeRError
+    from recbole_llmser.utils import digest_problem
+
+    if not os.path.isfile(path):
+        raise LLMSeRError(f"{path}: checkpoint not found")
+    problem = digest_problem(path, digest_dir)
+    if problem:
+        raise LLMSeRError(f"{path} was not written by recbole_llmser (or changed since: {problem}); delete it to retrain")
     return torch.load(path, map_location=map_location, weights_only=False)
 
 

@@ -96,6 +96,10 @@ class Config(ConfigCompatMixin, RecBoleConfig):
         self._cmd_args = list(sys.argv[1:] if cmd_args is None else cmd_args)
         self._secrets = {}
         super().__init__(model, dataset, config_file_list, config_dict)
+        from recbole_llmser.utils import scrub_args
+
+        # read (into self._secrets) and no longer needed: checkpoints pickle the config, never a key
+        self._cmd_args = scrub_args(self._cmd_args, SECRET_KEYS)
         validate(self.final_config_dict)
 
     # ----- sources ---------------------------------------------------------------------------------------
@@ -114,10 +118,13 @@ class Config(ConfigCompatMixin, RecBoleConfig):
             if name in CLI_ONLY_KEYS:
                 continue
             if name in cmd and cmd[name] != value:
-                raise LLMSeRError(f"--{name} is given twice with different values ({cmd[name]!r}, {value!r})")
+                shown = ("***", "***") if name in SECRET_KEYS else (cmd[name], value)
+                raise LLMSeRError(f"--{name} is given twice with different values ({shown[0]!r}, {shown[1]!r})")
             cmd[name] = value
+        secrets = {k: cmd.pop(k) for k in SECRET_KEYS & cmd.keys()}  # kept as typed: a key is never converted
         cmd = self._convert_config_dict(cmd)
-        return {k: None if v == "~" else v for k, v in cmd.items()}  # '~' is null, as in the property files
+        return {**{k: None if v == "~" else v for k, v in cmd.items()},  # '~' is null, as in the property files
+                **{k: None if v == "~" else v for k, v in secrets.items()}}
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:
@@ -194,8 +201,16 @@ class Config(ConfigCompatMixin, RecBoleConfig):
         return self._secrets.get(key) or (os.environ.get(env) if env else None) or None
 
     def __getstate__(self):
+        from recbole_llmser.utils import scrub_args
+
         state = self.__dict__.copy()
         state["_secrets"] = {}  # checkpoints pickle the config: never the keys
+        state["_cmd_args"] = scrub_args(state.get("_cmd_args") or [], SECRET_KEYS)
+        for name in ("file_config_dict", "variable_config_dict", "cmd_config_dict", "external_config_dict",
+                     "internal_config_dict", "final_config_dict"):  # (_get_final_config_dict popped them already)
+            source = state.get(name)
+            if isinstance(source, dict) and SECRET_KEYS & source.keys():
+                state[name] = {k: v for k, v in source.items() if k not in SECRET_KEYS}
         return state
 
     def __setstate__(self, state):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
 from logging import getLogger
 from pathlib import Path
 
@@ -14,10 +17,22 @@ from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.evaluation import evaluate_split, format_results
 from recbole_llmser.trainer import kept_epoch
-from recbole_llmser.utils import atomic_write_json, atomic_write_text, get_model, get_trainer, unique_stem
+from recbole_llmser.utils import (
+    atomic_write_json,
+    atomic_write_text,
+    file_sha256,
+    get_model,
+    get_trainer,
+    unique_stem,
+)
 
-#: Files of a run folder: the final config, the results, and the training state while it trains.
+#: Files of a run folder: the final config, the results, and the training state while it trains; the sha256 of
+#: the data files the run started on; the lock its process holds while it runs.
 CONFIG, RESULTS, TRAIN_STATE = "config.yaml", "results.json", "train_state.pth"
+INPUTS, LOCK = "inputs.json", "run.lock"
+INPUTS_FORMAT = "recbole_llmser.inputs/1"
+#: An empty lock file older than this many seconds is one whose process died before writing its pid into it.
+_EMPTY_LOCK_STALE_S = 60
 
 
 def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None, saved=True,
@@ -39,33 +54,155 @@ RESUME_FREE_KEYS = frozenset({"show_progress", "state", "gpu_id", "use_gpu", "de
                               "checkpoint_dir"})
 
 
-def _make_run_dir(config) -> Path:
-    """The run's folder: a new ``<model>-<method>-<time>-<random>`` one, or ``run_name``'s (see ``_named_run_dir``)."""
+def input_files(config) -> dict:
+    """The files a run's training reads, by role: the dataset's atomic files (``.inter`` or the benchmark parts,
+    ``.item``, ``.user``, those present), the augmentation artifact (``aug_file``, LLMSeR) and the item-embedding
+    table (``tsl_embedding_file``, TSLRec)."""
+    folder, name = Path(config["data_path"]), config["dataset"]
+    files = {}
+    for suffix in [*(f"{part}.inter" for part in config["benchmark_filename"] or []), "inter", "item", "user"]:
+        path = folder / f"{name}.{suffix}"
+        if path.is_file():
+            files[f".{suffix}"] = path
+    if uses_llmser(config) and config["aug_file"]:
+        files["aug_file"] = Path(config["aug_file"])
+    if uses_tslrec(config) and config["tsl_embedding_file"]:
+        files["tsl_embedding_file"] = Path(config["tsl_embedding_file"])
+    return files
+
+
+def input_digests(config) -> dict:
+    """``{role: {"path", "sha256"}}`` of :func:`input_files` (what ``inputs.json`` records when a run starts)."""
+    return {role: {"path": str(path.resolve()), "sha256": file_sha256(path)}
+            for role, path in input_files(config).items()}
+
+
+def _make_run_dir(config, inputs=None) -> Path:
+    """The run's folder, locked (``run.lock``) for this process: a new ``<model>-<method>-<time>-<random>`` one, or
+    ``run_name``'s (see ``_named_run_dir``). The caller releases the lock (``_unlock``)."""
     base = Path(config["checkpoint_dir"]).resolve() / config["dataset"]
     if config["run_name"]:
-        return _named_run_dir(base / config["run_name"], config)
+        return _named_run_dir(base / config["run_name"], config, inputs)
     run_dir = base / unique_stem(config["model"], config["method"])
     run_dir.mkdir(parents=True, exist_ok=False)
+    _lock(run_dir)
     return run_dir
 
 
-def _named_run_dir(run_dir: Path, config) -> Path:
-    """A named run folder: created when absent; one that holds an unfinished run (``train_state.pth``) or a finished
-    one (``results.json``) is used only when its ``config.yaml`` matches this run's (the caller resumes the first and
-    returns the second's results)."""
-    finished = (run_dir / RESULTS).is_file()
-    if finished or (run_dir / TRAIN_STATE).is_file():
-        before = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}
-        now = yaml.safe_load(yaml.safe_dump(config.to_dict()))
-        changed = sorted(k for k in set(before) | set(now)
-                         if k not in RESUME_FREE_KEYS and before.get(k) != now.get(k))
-        if changed:
-            what, fix = ("a finished", "delete it") if finished else ("an unfinished", "resume it with its own settings"
-                                                                      ", or delete it")
-            raise LLMSeRError(f"run folder {run_dir} holds {what} run with other settings ({', '.join(changed)}); "
-                              f"{fix} or choose another run_name")
+def _named_run_dir(run_dir: Path, config, inputs=None) -> Path:
+    """A named run folder, created when absent and locked against a second process (``_lock``). One that holds an
+    unfinished run (``train_state.pth``) or a finished one (``results.json``) is used only when its ``config.yaml``
+    matches this run's and the data files it started on (``inputs.json``) are unchanged (the caller resumes the
+    first and returns the second's results)."""
     run_dir.mkdir(parents=True, exist_ok=True)
+    _lock(run_dir)
+    try:
+        finished = (run_dir / RESULTS).is_file()
+        if finished or (run_dir / TRAIN_STATE).is_file():
+            before = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}
+            now = yaml.safe_load(yaml.safe_dump(config.to_dict()))
+            changed = sorted(k for k in set(before) | set(now)
+                             if k not in RESUME_FREE_KEYS and before.get(k) != now.get(k))
+            if changed:
+                what, fix = ("a finished", "delete it") if finished else ("an unfinished", "resume it with its own "
+                                                                          "settings, or delete it")
+                raise LLMSeRError(f"run folder {run_dir} holds {what} run with other settings ({', '.join(changed)}); "
+                                  f"{fix} or choose another run_name")
+            if inputs is not None:
+                _check_inputs(run_dir, inputs, finished)
+    except BaseException:
+        _unlock(run_dir)
+        raise
     return run_dir
+
+
+def _check_inputs(run_dir: Path, inputs: dict, finished: bool) -> None:
+    """Refuse (one line naming the file) to resume or return a run whose data files changed since it started."""
+    record = run_dir / INPUTS
+    if not record.is_file():
+        getLogger().warning(f"{run_dir} has no {INPUTS} (started by an earlier version of recbole_llmser): whether "
+                            "its data files changed since it started is not checked")
+        return
+    try:
+        before = json.loads(record.read_text(encoding="utf-8"))
+        if before["format"] != INPUTS_FORMAT:
+            raise ValueError(before["format"])
+        before = {role: entry["sha256"] for role, entry in before["files"].items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        raise LLMSeRError(f"{record}: not a recbole_llmser inputs record; delete the run folder {run_dir} or choose "
+                          "another run_name") from None
+    what = "finished" if finished else "unfinished"
+    for role in sorted(set(before) | set(inputs)):
+        now = inputs.get(role)
+        if now is not None and before.get(role) == now["sha256"]:
+            continue
+        if now is None:
+            raise LLMSeRError(f"run folder {run_dir} holds an {what} run that also read a {role} file, which this run "
+                              f"does not have; restore it, or delete {run_dir} or choose another run_name")
+        change = "changed" if role in before else "appeared"
+        raise LLMSeRError(f"{now['path']} {change} since the {what} run in {run_dir} started on it (its sha256 "
+                          f"differs from {INPUTS}'s); restore the file, or delete {run_dir} or choose another "
+                          "run_name to train on the data as it is now")
+
+
+def _lock(run_dir: Path) -> Path:
+    """Take ``<run_dir>/run.lock`` (created atomically, holding this process's pid and host), or refuse in one line
+    when another live process holds it. A lock whose process is gone (same host) is taken over with a warning."""
+    lock = run_dir / LOCK
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                     "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _lock_holder(lock)
+            if attempt == 0 and _lock_is_stale(lock, holder):
+                getLogger().warning(f"{lock}: taking over the lock of a run that is no longer running "
+                                    f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')})")
+                lock.unlink(missing_ok=True)
+                continue
+            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+                   if holder else "a process that is starting")
+            raise LLMSeRError(f"run folder {run_dir} is in use by another run ({who}); wait for it to end or choose "
+                              f"another run_name (if no such run is going on, delete {lock})") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(me + "\n")
+        return lock
+    raise LLMSeRError(f"{lock}: could not take the run folder's lock; try again")  # another process took it over
+
+
+def _lock_holder(lock: Path) -> dict:
+    try:
+        holder = json.loads(lock.read_text(encoding="utf-8"))
+        return holder if isinstance(holder, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _lock_is_stale(lock: Path, holder: dict) -> bool:
+    """Whether the process that wrote ``lock`` is gone: its pid is not running on this host, or (an empty lock) it
+    died before writing its pid. A lock of another host is never stale (its pid cannot be checked from here)."""
+    if not holder:
+        try:
+            return time.time() - lock.stat().st_mtime > _EMPTY_LOCK_STALE_S
+        except OSError:
+            return False
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: alive, another user's
+        return False
+    return False
+
+
+def _unlock(run_dir: Path) -> None:
+    """Remove ``run_dir``'s lock if this process holds it."""
+    lock = run_dir / LOCK
+    if _lock_holder(lock).get("pid") == os.getpid():
+        lock.unlink(missing_ok=True)
 
 
 def augment(config, dry_run=False):
@@ -86,7 +223,8 @@ def tslrec_stages(config, stage="all", dry_run=False):
 
 
 def run_with_config(config, saved=True, dry_run=False):
-    """Train and evaluate with an existing Config. Writes ``<run dir>/{config.yaml, results.json, *.pth}``."""
+    """Train and evaluate with an existing Config. Writes ``<run dir>/{config.yaml, inputs.json, results.json,
+    *.pth}`` (``*.pth.sha256`` beside each checkpoint); holds ``<run dir>/run.lock`` while it runs."""
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
@@ -120,12 +258,23 @@ def run_with_config(config, saved=True, dry_run=False):
 
     dataset = create_dataset(config)
     train_data, valid_data, test_data = data_preparation(config, dataset)
+    table = None
     if uses_tslrec(config):  # checked before the run folder exists: a wrong table leaves nothing behind
         from recbole_llmser.tslrec.stage2 import load_table
 
         table, _ = load_table(config["tsl_embedding_file"], dataset.field2id_token[dataset.iid_field])
 
-    run_dir = _make_run_dir(config)  # only once the data loaded: a bad dataset leaves no empty run folder
+    inputs = input_digests(config)  # the files as loaded (prepare_dataset may have just written them)
+    run_dir = _make_run_dir(config, inputs)  # only once the data loaded: a bad dataset leaves no empty run folder
+    try:
+        return _run_in(run_dir, config, dataset, (train_data, valid_data, test_data), table, inputs, saved, logger)
+    finally:
+        _unlock(run_dir)
+
+
+def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger):
+    """Train and evaluate in the locked ``run_dir`` (see ``run_with_config``); returns the result dict."""
+    train_data, valid_data, test_data = splits
     if (run_dir / RESULTS).is_file():  # a named run that finished before, with these settings: nothing to train
         result = {**json.loads((run_dir / RESULTS).read_text(encoding="utf-8")), "finished_earlier": True}
         logger.info("\n" + format_results(result["valid"], "valid"))
@@ -134,8 +283,9 @@ def run_with_config(config, saved=True, dry_run=False):
                     f"{RESULTS} is returned (the results above), nothing was trained")
         return result
     config["checkpoint_dir"] = str(run_dir)
-    if not (run_dir / TRAIN_STATE).is_file():  # a resumed run keeps the config it started with (checked equal)
+    if not (run_dir / TRAIN_STATE).is_file():  # a resumed run keeps the config and inputs it started with (checked)
         atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
+        atomic_write_json(run_dir / INPUTS, {"format": INPUTS_FORMAT, "files": inputs})
 
     init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])

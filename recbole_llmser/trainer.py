@@ -29,7 +29,7 @@ from recbole_llmser.dct import (
     uses_all_positions,
 )
 from recbole_llmser.errors import LLMSeRError
-from recbole_llmser.utils import atomic_file, unique_stem
+from recbole_llmser.utils import atomic_file_with_digest, digest_problem, unique_stem
 
 #: Format tag of the training-state file (``train_state.pth``) a resumable run writes after every validated epoch.
 TRAIN_STATE_FORMAT = "recbole_llmser.train_state/1"
@@ -51,11 +51,15 @@ class SequentialTrainer(Trainer):
 
     * ``saved_model_file`` is ``<checkpoint_dir>/<model>-<dataset>-<date-time-microseconds>-<random>.pth``:
       RecBole's own name has one-second resolution, so two models saved in one second overwrite each other.
-    * Checkpoints (which pickle the Config) load with ``weights_only=False``; only files this trainer wrote.
+    * Checkpoints (which pickle the Config) are written atomically with their sha256 beside them
+      (``<file>.sha256``) and load with ``weights_only=False`` only when that sha256 matches: only files this
+      package wrote (see :func:`~recbole_llmser.compat.load_checkpoint`). ``record_digest = False`` keeps RecBole's
+      plain ``torch.save`` (the CCG helpers, which record their digest once trained).
     * With ``train_state_file`` set, ``fit`` writes that file (atomically) after every validated epoch: weights,
       optimizer, early-stopping counters, losses, the validation curve and every random-number state training
       uses; when the file exists at the start of ``fit``, training continues from it and ends as the uninterrupted
-      run would (same batches, same numbers on the same machine). ``valid_curve`` holds ``(epoch_idx, score)`` of
+      run would (same batches, same numbers on the same machine); the file's sha256 is recorded beside it and
+      checked before it is loaded, as is the best checkpoint's. ``valid_curve`` holds ``(epoch_idx, score)`` of
       every validated epoch (RecBole's 0-based ``epoch_idx``), ``resumed_from`` the epoch index a resumed run
       restarted at (``None`` otherwise).
     * BERT4Rec (with RecBole's ``calculate_loss``) trains on :func:`~recbole_llmser.dct.bert4rec_weighted_loss`
@@ -68,13 +72,14 @@ class SequentialTrainer(Trainer):
         stem = unique_stem(config["model"], config["dataset"])
         self.saved_model_file = os.path.join(self.checkpoint_dir, f"{stem}.pth")
         self.train_state_file = None
+        self.record_digest = True
         self.valid_curve = []
         self.resumed_from = None
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         """RecBole's ``fit``, resumable through ``train_state_file`` (see the class)."""
         state_file = self.train_state_file
-        if state_file and os.path.isfile(state_file) and self._restore_train_state(state_file, train_data):
+        if state_file and os.path.isfile(state_file) and self._restore_train_state(state_file, train_data, saved):
             return self.best_valid_score, self.best_valid_result  # the interrupted run had finished training
 
         def after_validation(epoch_idx, valid_score):
@@ -90,6 +95,19 @@ class SequentialTrainer(Trainer):
     def _train_generators(self, train_data):
         """The torch generators that shuffle training batches (their states are part of the training state)."""
         return [train_data.generator]
+
+    def _save_checkpoint(self, epoch, verbose=True, **kwargs):
+        """RecBole's checkpoint, written through a temp file and a rename, with its sha256 in ``<file>.sha256``."""
+        if not self.record_digest:
+            return super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
+        path = kwargs.pop("saved_model_file", self.saved_model_file)
+        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+            return None
+        with atomic_file_with_digest(path, "wb") as f:
+            super()._save_checkpoint(epoch, verbose=False, saved_model_file=f, **kwargs)  # torch.save takes a file
+        if verbose:
+            self.logger.info(f"Saving current: {path}")
+        return None
 
     def _save_train_state(self, path, epoch_idx, train_data):
         numpy_state = np.random.get_state()
@@ -114,11 +132,17 @@ class SequentialTrainer(Trainer):
                 "loaders": [g.get_state() for g in self._train_generators(train_data)],
             },
         }
-        with atomic_file(path, "wb") as f:
+        with atomic_file_with_digest(path, "wb") as f:
             torch.save(state, f)
 
-    def _restore_train_state(self, path, train_data) -> bool:
-        """Load ``path`` (written by ``_save_train_state``); returns whether that run had finished training."""
+    def _restore_train_state(self, path, train_data, saved=True) -> bool:
+        """Load ``path`` (written by ``_save_train_state``); returns whether that run had finished training.
+        Refuses a file whose sha256 is not the one recorded when it was written, and (``saved``) a best checkpoint
+        of the interrupted run that is not this package's either (before any training, not at the end)."""
+        problem = digest_problem(path)
+        if problem:
+            raise LLMSeRError(f"{path} was not written by recbole_llmser (or changed since: {problem}); delete it to "
+                              "train this run from the start")
         try:
             state = torch.load(path, map_location=self.device, weights_only=True)
         except Exception as err:
@@ -138,6 +162,12 @@ class SequentialTrainer(Trainer):
         self.train_loss_dict = dict(state["train_loss_dict"])
         self.valid_curve = [(int(e), float(v)) for e, v in state["valid_curve"]]
         self.saved_model_file = os.path.join(os.path.dirname(os.path.abspath(path)), state["saved_model_file"])
+        if saved and os.path.isfile(self.saved_model_file):
+            problem = digest_problem(self.saved_model_file)
+            if problem:
+                raise LLMSeRError(f"{self.saved_model_file} was not written by recbole_llmser (or changed since: "
+                                  f"{problem}); delete its run folder {os.path.dirname(os.path.abspath(path))} (or "
+                                  "choose another run_name) to train this run again")
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():

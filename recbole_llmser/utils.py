@@ -99,3 +99,99 @@ def atomic_write_text(path, text: str) -> None:
 
 def atomic_write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+# ----- content digests: files this package wrote, and the inputs a run was started on ------------------------
+#: Suffix of the file that records the sha256 of a file this package wrote (``<name>.sha256``, sha256sum's format).
+DIGEST_SUFFIX = ".sha256"
+
+
+def file_sha256(path, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of the file at ``path``, read in chunks (any size)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk_size), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def digest_path(path, digest_dir=None) -> Path:
+    """Where the sha256 of ``path`` is recorded: ``<path>.sha256`` beside it, or in ``digest_dir``."""
+    path = Path(path)
+    return (Path(digest_dir) if digest_dir else path.parent) / f"{path.name}{DIGEST_SUFFIX}"
+
+
+def _write_digests(path, digests, digest_dir=None) -> None:
+    name = Path(path).name
+    atomic_write_text(digest_path(path, digest_dir), "".join(f"{d}  {name}\n" for d in digests))
+
+
+def recorded_digests(path, digest_dir=None) -> list:
+    """The sha256 values recorded for ``path`` (empty when none is)."""
+    try:
+        text = digest_path(path, digest_dir).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return []
+    return [line.split()[0] for line in text.splitlines() if line.split()]
+
+
+def record_digest(path, digest_dir=None) -> str:
+    """Record the sha256 of ``path`` (a file this package has just written); returns it."""
+    digest = file_sha256(path)
+    _write_digests(path, [digest], digest_dir)
+    return digest
+
+
+def digest_problem(path, digest_dir=None):
+    """None when ``path`` is a file whose sha256 is the one recorded for it (see :func:`record_digest`), else a short
+    reason ("has no recorded sha256 ...", "changed since it was written ..."); the file must exist."""
+    recorded = recorded_digests(path, digest_dir)
+    if not recorded:
+        return f"has no recorded sha256 ({digest_path(path, digest_dir)})"
+    if file_sha256(path) not in recorded:
+        return f"its sha256 differs from the one recorded in {digest_path(path, digest_dir)}"
+    return None
+
+
+@contextmanager
+def atomic_file_with_digest(path, mode: str = "wb"):
+    """:func:`atomic_file` that also records the new file's sha256 in ``<path>.sha256``. While the new file replaces
+    the old one, the record lists both digests, so a process stopped at any point leaves ``path`` matching it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
+        digest = file_sha256(tmp)
+        old = [d for d in recorded_digests(path) if d != digest][:1] if path.is_file() else []
+        _write_digests(path, [digest, *old])
+        os.replace(tmp, path)
+        if old:
+            _write_digests(path, [digest])
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def scrub_args(args, secret_keys) -> list:
+    """``--key=value`` command-line strings with the value of every key in ``secret_keys`` replaced by ``***``
+    (also ``--key value``: the next word)."""
+    out, hide_next = [], False
+    for arg in args:
+        if hide_next:
+            out.append("***")
+            hide_next = False
+            continue
+        arg = str(arg)
+        name, eq, _ = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if name in secret_keys:
+            out.append(f"--{name}=***" if eq else arg)
+            hide_next = not eq
+        else:
+            out.append(arg)
+    return out

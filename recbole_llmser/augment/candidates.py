@@ -15,7 +15,10 @@ Helper models are trained on every prefix row of the helper sequences (no hold-o
 earliest items are exactly what CCG needs) for a fixed ``ccg_epochs``: SASRec/GRU4Rec through the all-positions
 path of ``DualChannelTrainer`` (same objective, one forward per sequence; ``dct_all_positions: off`` turns it off),
 other models with our ``SequentialTrainer`` on RecBole's own rows. Each is saved under an explicit name that encodes a hash of everything it depends on, and
-reused when that hash is unchanged.
+reused when that hash is unchanged. Once trained, its file's sha256 is recorded in ``<models>/../model_digests/``
+(``<name>.sha256``); a checkpoint whose sha256 is not the recorded one (not written by this package, changed
+since, or written by a version that recorded none) is never unpickled: the helper is trained again (a warning says
+so), since a helper is a cache that this package can always rebuild.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from tqdm import tqdm
 from recbole_llmser.compat import load_checkpoint
 from recbole_llmser.data.dataset import leave_one_out_num, train_lengths
 from recbole_llmser.errors import LLMSeRError
-from recbole_llmser.utils import content_hash, get_model
+from recbole_llmser.utils import content_hash, digest_problem, get_model, record_digest
 
 #: Keys of the main config that a helper model copies (data fields and run settings).
 _COPIED_KEYS = (
@@ -143,13 +146,18 @@ def train_helper(config, dataset, users, sequences, direction: str, out_dir: Pat
     keep = [i for i, s in enumerate(sequences) if len(s) >= 2]  # a 1-item sequence has no prefix row
     users, sequences = [users[i] for i in keep], [sequences[i] for i in keep]
     path = Path(out_dir) / f"ccg-{direction}-{helper['model']}-{helper_fingerprint(helper, sequences)}.pth"
+    digests = helper_digest_dir(out_dir)
     helper["checkpoint_dir"] = str(out_dir)
 
     init_seed(helper["seed"], helper["reproducibility"])
     ds = _helper_dataset(dataset, helper, sequences, users)
     model = get_model(helper["model"])(helper, ds).to(helper["device"])
-    if path.is_file():
-        model.load_state_dict(load_checkpoint(path, map_location=helper["device"])["state_dict"])
+    problem = digest_problem(path, digests) if path.is_file() else None
+    if problem:
+        logger.warning(f"CCG: {path} was not written by recbole_llmser (or changed since: {problem}); training the "
+                       f"{direction} helper again instead of loading it")
+    if path.is_file() and not problem:
+        model.load_state_dict(load_checkpoint(path, map_location=helper["device"], digest_dir=digests)["state_dict"])
         logger.info(f"CCG: reusing the {direction} helper model {path}")
     else:
         sampler = None
@@ -168,11 +176,18 @@ def train_helper(config, dataset, users, sequences, direction: str, out_dir: Pat
         # over, so a run stopped mid-training never leaves a part-trained helper under the name that is reused
         partial = path.with_name(f".{path.name}.partial")
         trainer.saved_model_file = str(partial)
+        trainer.record_digest = False  # RecBole's plain saves of the partial file; its digest once it is complete
         trainer.fit(train_data, None, saved=True, show_progress=helper["show_progress"])
         os.replace(partial, path)
+        record_digest(path, digests)
         logger.info(f"CCG: saved the {direction} helper model to {path}")
     model.eval()
     return model
+
+
+def helper_digest_dir(out_dir) -> Path:
+    """Folder of the helper checkpoints' recorded sha256 files (beside ``out_dir``, which holds only checkpoints)."""
+    return Path(out_dir).parent / "model_digests"
 
 
 @torch.no_grad()

@@ -202,6 +202,8 @@ def read_augmentation(path, user_ids: dict, item_ids: dict, n_users: int, on_bad
     A bad record (invalid JSON, missing field, unknown user or item, weight outside [0, 1] or not a number,
     a user listed twice, a pseudo item repeated within a record) raises a one-line ``LLMSeRError`` naming the
     file, line and user, or with ``on_bad='skip'`` is skipped and counted (the first record of a user wins).
+    An artifact without any record, or whose every record was skipped, is an error too (training on it would be
+    the plain backbone under the name llmser).
     """
     path = Path(path)
     if not path.is_file():
@@ -227,6 +229,13 @@ def read_augmentation(path, user_ids: dict, item_ids: dict, n_users: int, on_bad
                 ) from None
             pseudo[uid] = ids
             w_tilde[uid] = weight
+    if not n_records:  # training on it would be the plain backbone, labelled llmser
+        raise LLMSeRError(f"{path}: no augmentation records — the file is empty; make it with --stage=augment "
+                          "(or --stage=all) or pass the right --aug_file")
+    if not pseudo:
+        kinds = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items()))
+        raise LLMSeRError(f"{path}: no usable augmentation records — all {n_records} were skipped ({kinds}); make "
+                          "the artifact again for this dataset or pass the right --aug_file")
     return Augmentation(pseudo, w_tilde, skipped, n_records)
 
 
