@@ -84,6 +84,19 @@ def read_yaml(path, loader=yaml.FullLoader) -> dict:
     return data
 
 
+def _yaml_value(value):
+    """A command-line value that RecBole's conversion left a string, read as in the property files: ``~`` is null
+    and ``[uni50, full]`` or ``{hidden_size: 64}`` a list or mapping (a string that is not valid YAML stays one)."""
+    if value == "~":
+        return None
+    if isinstance(value, str) and value[:1] in "[{" and value[-1:] in "]}":
+        try:
+            return yaml.safe_load(value)
+        except yaml.YAMLError:
+            return value
+    return value
+
+
 class Config(ConfigCompatMixin, RecBoleConfig):
     """RecBole ``Config`` with recbole_llmser's property files layered on top.
 
@@ -123,8 +136,9 @@ class Config(ConfigCompatMixin, RecBoleConfig):
             cmd[name] = value
         secrets = {k: cmd.pop(k) for k in SECRET_KEYS & cmd.keys()}  # kept as typed: a key is never converted
         cmd = self._convert_config_dict(cmd)
-        return {**{k: None if v == "~" else v for k, v in cmd.items()},  # '~' is null, as in the property files
+        return {**{k: _yaml_value(v) for k, v in cmd.items()},
                 **{k: None if v == "~" else v for k, v in secrets.items()}}
+
 
     def _get_model_and_dataset(self, model, dataset):
         if model is None:
@@ -135,6 +149,10 @@ class Config(ConfigCompatMixin, RecBoleConfig):
             dataset = self.external_config_dict.get("dataset")
             if dataset is None:
                 raise LLMSeRError("no dataset given: pass --dataset=<name>, e.g. --dataset=amazon-beauty")
+        dataset = str(dataset)
+        if dataset in ("", ".", "..") or "/" in dataset or "\\" in dataset:
+            raise LLMSeRError(f"--dataset={dataset!r}: a dataset name, not a path — pass --dataset=<name> and "
+                              "--data_path=<folder that contains <name>/>")
         if isinstance(model, str):
             model_class = get_model(model)
         else:
@@ -151,7 +169,7 @@ class Config(ConfigCompatMixin, RecBoleConfig):
                 f"--model={model}: {model} only scores given candidates with item features (no full_sort_predict); "
                 "recbole_llmser needs a model that ranks all items (e.g. SASRec, GRU4Rec, BERT4Rec)"
             )
-        return model, model_class, str(dataset)
+        return model, model_class, dataset
 
     def _load_internal_config_dict(self, model, model_class, dataset):
         super()._load_internal_config_dict(model, model_class, dataset)
@@ -160,8 +178,12 @@ class Config(ConfigCompatMixin, RecBoleConfig):
             if path.is_file():
                 self.internal_config_dict.update(read_yaml(path, self.yaml_loader))
         dataset_file = props / "dataset" / f"{dataset}.yaml"
+        # what RecBole's own dataset yaml (ml-100k, ...) and ours set counts as set: detection leaves it alone
+        recbole_yaml = self._recbole_dataset_yaml(dataset)
+        self._dataset_preset = set(read_yaml(recbole_yaml, self.yaml_loader)) if recbole_yaml else set()
         if dataset_file.is_file():
             dataset_dict = read_yaml(dataset_file, self.yaml_loader)
+            self._dataset_preset |= set(dataset_dict)
             self.internal_config_dict.update(dataset_dict)
             self.parameters["Dataset"] += [k for k in dataset_dict if k not in self.parameters["Dataset"]]
         self.internal_config_dict["dataset_properties"] = str(dataset_file) if dataset_file.is_file() else None
@@ -194,6 +216,41 @@ class Config(ConfigCompatMixin, RecBoleConfig):
             if bundled.is_dir():
                 self.final_config_dict["data_path"] = str(bundled)
         self.final_config_dict["data_path"] = os.path.abspath(self.final_config_dict["data_path"])
+        self._detect_dataset_fields()
+
+    @staticmethod
+    def _recbole_dataset_yaml(dataset):
+        """RecBole's own property file for ``dataset`` (``ml-100k``, ...), or None."""
+        import recbole
+
+        path = Path(recbole.__file__).parent / "properties" / "dataset" / f"{dataset}.yaml"
+        return path if path.is_file() else None
+
+    def _detect_dataset_fields(self):
+        """Fill in the dataset settings nobody set (fields, ``load_col``, ``item_text_field``) from the atomic files'
+        headers (see :mod:`recbole_llmser.data.atomic`); ``fields_note`` describes the result for the log."""
+        from recbole_llmser.data import atomic
+
+        final = self.final_config_dict
+        folder = Path(final["data_path"])
+        inter, item = folder / f"{self.dataset}.inter", folder / f"{self.dataset}.item"
+        self.fields_note = None
+        if not inter.is_file():
+            return  # a builder writes the files (its property file sets the fields), or prepare_dataset says so
+        preset = {k: final.get(k) for k in atomic.DETECTED_KEYS
+                  if k in self.external_config_dict or k in getattr(self, "_dataset_preset", ())}
+        if len(preset) == len(atomic.DETECTED_KEYS):
+            self.fields_note = atomic.describe_fields(final, [])
+            return
+        sep, encoding = final.get("field_separator") or "\t", final.get("encoding") or "utf-8"
+        inter_fields = atomic.read_header(inter, sep, encoding)
+        if inter_fields is None:
+            raise LLMSeRError(f"{inter}: the file is empty — a RecBole .inter file starts with a header such as "
+                              "user_id:token<TAB>item_id:token<TAB>timestamp:float")
+        item_fields = atomic.read_header(item, sep, encoding, need_record=True) if item.is_file() else None
+        settings, notes = atomic.detect_fields(inter_fields, item_fields, preset, inter, item)
+        final.update(settings)
+        self.fields_note = atomic.describe_fields(final, ["read from the files' headers"] + notes)
 
     # ----- secrets ---------------------------------------------------------------------------------------
     def secret(self, key: str, env: str | None = None):
@@ -391,6 +448,8 @@ VALIDATORS = {
     "eval_protocols": _protocols,
     "group_bounds": _group_bounds,
     "item_text_field": _optional_str,
+    "item_text_max_chars": _positive_int,
+    "item_text_token_max_chars": _positive_int,
     "method": _method,
     "run_name": _run_name,
     "stage": lambda k, v: _check(v in STAGES, k, v, "one of " + ", ".join(STAGES)),

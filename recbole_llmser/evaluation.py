@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from recbole_llmser.errors import LLMSeRError
+
 
 def parse_protocol(protocol: str):
     """'full' -> None; 'uni100' -> 100."""
@@ -157,3 +159,18 @@ def format_results(results: dict, title: str) -> str:
         table = tabulate(rows, headers=["group", "train len", "users", *keys], floatfmt=".4f")
         blocks.append(f"{title} [{p}]\n{table}")
     return "\n\n".join(blocks)
+
+
+def check_sampled_protocols(config, dataset) -> None:
+    """Each ``uni<N>`` protocol draws N unseen items per user: refuse, in one line, a catalogue too small for it
+    (called before anything is trained)."""
+    sampled = [int(p[3:]) for p in config["eval_protocols"] or [] if p.startswith("uni")]
+    if not sampled:
+        return
+    unseen = dataset.item_num - 1 - max((len(items) for items in dataset.user_items), default=0)
+    if max(sampled) > unseen:
+        raise LLMSeRError(
+            f"dataset '{config['dataset']}': eval_protocols uni{max(sampled)} draws {max(sampled)} unseen items per "
+            f"user, but some user has only {unseen} of the {dataset.item_num - 1} items unseen — use "
+            f"--eval_protocols=\"[uni{max(unseen, 1)}, full]\" or --eval_protocols=\"[full]\"")
+

@@ -15,7 +15,7 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_llmser.config import Config, uses_llmser, uses_tslrec
 from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
-from recbole_llmser.evaluation import evaluate_split, format_results
+from recbole_llmser.evaluation import check_sampled_protocols, evaluate_split, format_results
 from recbole_llmser.trainer import kept_epoch
 from recbole_llmser.utils import (
     atomic_write_json,
@@ -51,7 +51,7 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
 
 #: Keys that may differ between an interrupted run and its resumption (they do not change what is trained).
 RESUME_FREE_KEYS = frozenset({"show_progress", "state", "gpu_id", "use_gpu", "device", "worker", "log_wandb",
-                              "checkpoint_dir"})
+                              "checkpoint_dir", "llm_retry_failed"})
 
 
 def input_files(config) -> dict:
@@ -205,12 +205,26 @@ def _unlock(run_dir: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+def _resuming(config) -> bool:
+    """Whether this run continues a stopped named run (its folder holds ``train_state.pth``)."""
+    name = config["run_name"]
+    return bool(name) and (Path(config["checkpoint_dir"]).resolve() / config["dataset"] / name / TRAIN_STATE).is_file()
+
+
+def _plain_dataset(config, dry_run):
+    """The dataset without augmentation, for the stages before training; a run that will train and evaluate
+    checks its evaluation protocols on it first (so a too-small catalogue stops before hours of augmentation)."""
+    dataset = create_dataset(config.copy_with(method="none", aug_file=None, train_all_positions=False))
+    if config["stage"] == "all" and not dry_run:
+        check_sampled_protocols(config, dataset)
+    return dataset
+
+
 def augment(config, dry_run=False):
     """The LLMSeR augmentation stage for ``config``; returns the artifact path (None for a dry run)."""
     from recbole_llmser.augment.pipeline import run_augmentation
 
-    plain = config.copy_with(method="none", aug_file=None, train_all_positions=False)
-    return run_augmentation(config, create_dataset(plain), dry_run=dry_run)
+    return run_augmentation(config, _plain_dataset(config, dry_run), dry_run=dry_run)
 
 
 def tslrec_stages(config, stage="all", dry_run=False):
@@ -218,8 +232,7 @@ def tslrec_stages(config, stage="all", dry_run=False):
     checkpoint's; None for a dry run)."""
     from recbole_llmser.tslrec.pipeline import build_table
 
-    plain = config.copy_with(method="none", aug_file=None, train_all_positions=False)
-    return build_table(config, create_dataset(plain), stage=stage, dry_run=dry_run)
+    return build_table(config, _plain_dataset(config, dry_run), stage=stage, dry_run=dry_run)
 
 
 def run_with_config(config, saved=True, dry_run=False):
@@ -237,7 +250,8 @@ def run_with_config(config, saved=True, dry_run=False):
         if stage == "train" and not config["aug_file"]:
             raise LLMSeRError("--stage=train needs --aug_file=<artifact.jsonl> (made by --stage=augment)")
         if stage == "augment" or dry_run or not config["aug_file"]:
-            artifact = augment(config, dry_run=dry_run)
+            # a stopped run resumes on the artifact it started with (inputs.json), not on one rebuilt meanwhile
+            artifact = augment(config.copy_with(llm_retry_failed=False) if _resuming(config) else config, dry_run)
             artifacts["artifact"] = str(artifact) if artifact else None
             if not (dry_run or stage == "augment"):
                 config["aug_file"] = str(artifact)
@@ -257,6 +271,7 @@ def run_with_config(config, saved=True, dry_run=False):
         logger.info(f"TSLRec item embeddings from {config['tsl_embedding_file']}")
 
     dataset = create_dataset(config)
+    check_sampled_protocols(config, dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     table = None
     if uses_tslrec(config):  # checked before the run folder exists: a wrong table leaves nothing behind

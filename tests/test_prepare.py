@@ -229,7 +229,7 @@ def test_build_from_files_in_dataset_folder_then_load_with_recbole(tmp_path, mon
 
     from recbole_llmser.data import create_dataset
 
-    config = make_config(tmp_path / "data")
+    config = make_config(tmp_path / "data", eval_protocols=["full"])  # 4 items: too few for uni100
     dataset = create_dataset(config)  # prepare (a no-op now) + RecBole's loader
     assert dataset.user_num - 1 == 4 and dataset.item_num - 1 == 4 and dataset.inter_num == 12
     tokens = dataset.field2id_token["title"]

@@ -37,4 +37,3 @@ def create_dataset(config):
         )
     getLogger().info(str(dataset))
     return dataset
-

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from recbole.data.dataset import SequentialDataset as _RecBoleSequentialDataset
 from recbole.data.interaction import Interaction
+from recbole.utils import FeatureSource, FeatureType
 
 from recbole_llmser.config import uses_llmser
 from recbole_llmser.dct import (
@@ -28,6 +29,7 @@ from recbole_llmser.dct import (
     uses_all_positions,
     windows_from_rows,
 )
+from recbole_llmser.data.atomic import FILE_ORDER_FIELD
 from recbole_llmser.errors import LLMSeRError
 
 
@@ -55,6 +57,24 @@ def per_user_items(uid: np.ndarray, iid: np.ndarray, n_users: int):
     return [np.unique(iid[bounds[u]:bounds[u + 1]]) for u in range(n_users)]
 
 
+def cap_token_seqs(values, token_max: int, text_max: int):
+    """``(values, n_cut)``: each array of tokens with every token cut to ``token_max`` characters and only the
+    tokens whose running length (tokens plus one space between them) stays within ``text_max`` (at least one)."""
+    out, cut = [], 0
+    for tokens in values:
+        capped, used = [], -1
+        for token in tokens:
+            token = token[:token_max]
+            used += len(token) + 1
+            if capped and used > text_max:
+                break
+            capped.append(token)
+        changed = len(capped) != len(tokens) or any(len(t) > token_max for t in tokens)
+        cut += changed
+        out.append(np.array(capped) if changed else tokens)
+    return out, cut
+
+
 class SequentialDataset(_RecBoleSequentialDataset):
     """RecBole's ``SequentialDataset`` plus two per-user arrays taken from the raw interactions:
 
@@ -67,8 +87,53 @@ class SequentialDataset(_RecBoleSequentialDataset):
         super().__init__(config)
         uid = self.inter_feat[self.uid_field].to_numpy()
         iid = self.inter_feat[self.iid_field].to_numpy()
-        self.user_train_len = train_lengths(np.bincount(uid, minlength=self.user_num), leave_one_out_num(config) or 2)
+        counts = np.bincount(uid, minlength=self.user_num)
+        self.user_train_len = train_lengths(counts, leave_one_out_num(config) or 2)
         self.user_items = per_user_items(uid, iid, self.user_num)
+        single = int(np.count_nonzero(counts[1:] == 1))
+        if single:
+            self.logger.warning(f"dataset '{self.dataset_name}': {single} users have a single interaction: no "
+                                "sequence to learn from or to evaluate, they are left out")
+
+    def _load_inter_feat(self, token, dataset_path):
+        super()._load_inter_feat(token, dataset_path)
+        if self.time_field == FILE_ORDER_FIELD and self.inter_feat is not None \
+                and FILE_ORDER_FIELD not in self.inter_feat:
+            # no time column (recbole_llmser.data.atomic): each interaction's position in the file orders it
+            self.inter_feat[FILE_ORDER_FIELD] = np.arange(len(self.inter_feat), dtype=np.float64)
+            self.field2type[FILE_ORDER_FIELD] = FeatureType.FLOAT
+            self.field2source[FILE_ORDER_FIELD] = FeatureSource.INTERACTION
+            self.field2seqlen[FILE_ORDER_FIELD] = 1
+
+    def _filter_inter_by_user_or_item(self):
+        before = len(self.inter_feat)
+        super()._filter_inter_by_user_or_item()
+        dropped = before - len(self.inter_feat)
+        if dropped:
+            self.logger.warning(
+                f"dataset '{self.dataset_name}': {dropped} interactions name a user or item missing from the .user / "
+                ".item file and were dropped (RecBole's filter_inter_by_user_or_item) — add them to that file, or set "
+                "filter_inter_by_user_or_item: false to keep them")
+
+    def _load_feat(self, filepath, source):
+        df = super()._load_feat(filepath, source)
+        if df is not None:
+            for field in df.columns:
+                if self.field2type.get(field) == FeatureType.TOKEN_SEQ:
+                    self._cap_text(df, field, filepath)
+        return df
+
+    def _cap_text(self, df, field, filepath):
+        """Cut each token of a ``token_seq`` field to ``item_text_token_max_chars`` and each value to
+        ``item_text_max_chars`` before RecBole remaps the tokens (it concatenates every token into one array whose
+        width is the longest token's: one 100,000-character word made that array tens of GB)."""
+        values, cut = cap_token_seqs(df[field].values, self.config["item_text_token_max_chars"],
+                                     self.config["item_text_max_chars"])
+        if cut:
+            df[field] = values
+            self.field2seqlen[field] = max(map(len, values), default=0)
+            self.logger.warning(f"{filepath}: {cut} {field} values were longer than item_text_max_chars / "
+                                "item_text_token_max_chars and were cut")
 
     def data_augmentation(self):
         self._check_field("uid_field", "time_field")

@@ -7,7 +7,8 @@
    downloading the raw files from ``raw_mirrors`` when they are not on disk.
 3. Otherwise: a one-line :class:`LLMSeRError` that says where the atomic files belong.
 
-In every case the ``item_text_field`` must be a column of ``<name>.item``.
+In every case the ``item_text_field`` must be a column of ``<name>.item``, and the files RecBole will load pass
+:func:`~recbole_llmser.data.atomic.check_dataset_files` (one line naming the file and line otherwise).
 
 The ``amazon2018`` builder is the LLMSeR paper's Amazon 2018 preprocessing (Fashion): implicit feedback from every
 review, one single-pass user/item count filter followed by a user-length filter, chronological order per user,
@@ -43,6 +44,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from recbole_llmser.data.atomic import check_dataset_files, read_header
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.utils import atomic_write_text
 
@@ -119,18 +121,16 @@ def prepare_dataset(config) -> Path:
         _log().info(f"dataset '{name}': {inter} not found; building it with the '{builder}' builder")
         build(config, folder, name)
     check_item_text_field(config, folder, name)
+    check_dataset_files(config, folder, name)
+    note = getattr(config, "fields_note", None)
+    if note:
+        _log().info(f"dataset '{name}': {note}")
     return folder
 
 
 def item_file_fields(path, separator: str = "\t", encoding: str = "utf-8") -> list:
     """Field names in the header line (``field:type`` separated by ``separator``) of an atomic file."""
-    try:
-        with open(path, encoding=encoding) as f:
-            head = f.readline()
-    except UnicodeDecodeError:
-        raise LLMSeRError(f"{path}: the header line is not {encoding} text; re-save the file as {encoding}") from None
-    head = head.rstrip("\r\n")
-    return [part.split(":", 1)[0] for part in head.split(separator)] if head else []
+    return [name for name, _ in read_header(path, separator, encoding) or []]
 
 
 def check_item_text_field(config, folder, name) -> None:
