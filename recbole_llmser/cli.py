@@ -9,8 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recbole_llmser.config import METHODS, STAGES
+from recbole_llmser.config import METHODS, SECRET_KEYS, STAGES
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.utils import scrub_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args, rest = build_parser().parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    bad = [a for a in scrub_args(rest, SECRET_KEYS) if not (a.startswith("--") and "=" in a)]
     if bad:
         print(f"recbole_llmser: error: unrecognized argument(s) {' '.join(bad)}; properties are --key=value",
               file=sys.stderr)

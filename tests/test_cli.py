@@ -89,3 +89,9 @@ def test_script_error_has_no_traceback(tmp_cwd):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("recbole_llmser: error: property 'epochs'")
+
+
+def test_a_key_given_with_a_space_is_not_echoed(tmp_cwd, capsys):
+    assert main(["--model=SASRec", "--dataset=amazon-fashion-ids", "--llm_api_key", "sk-SPACED123"]) == 2
+    line = _error_line(capsys)
+    assert "unrecognized argument" in line and "sk-SPACED123" not in line and "***" in line
