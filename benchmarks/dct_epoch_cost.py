@@ -132,7 +132,7 @@ def run_variant(args, name, data_path, artifact, queue):
 
     from recbole_llmser.config import Config
     from recbole_llmser.data import create_dataset, data_preparation
-    from recbole_llmser.utils import get_model, get_trainer
+    from recbole_llmser.registry import get_model, get_trainer
 
     torch.set_num_threads(args.threads)
     torch.autograd.set_detect_anomaly(args.anomaly_detection)

@@ -24,7 +24,7 @@ from recbole_llmser.config import Config
 from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.data.dataset import read_augmentation
 from recbole_llmser.evaluation import ranks_from_scores
-from recbole_llmser.utils import get_model
+from recbole_llmser.registry import get_model
 
 
 def main(argv=None):

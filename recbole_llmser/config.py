@@ -23,30 +23,13 @@ from recbole.utils import ModelType
 
 from recbole_llmser.compat import ConfigCompatMixin
 from recbole_llmser.errors import LLMSeRError
-from recbole_llmser.utils import PACKAGE_DIR, REPO_DIR, get_model
+from recbole_llmser.registry import get_model
+from recbole_llmser.utils import PACKAGE_DIR, REPO_DIR
 
 #: Command-line flags that belong to run_recbole_llmser.py itself, not to the config.
 CLI_ONLY_KEYS = {"config_files", "dry_run"}
 
-#: all: build (or reuse) the method's artifacts, then train; reconstruct: TSLRec's stage 1 only; augment: the
-#: artifacts only (LLMSeR's augmentation artifact and/or TSLRec's item-embedding table); train: existing artifacts.
-STAGES = ("all", "reconstruct", "augment", "train")
-
-#: Keys whose values are secrets: kept out of ``final_config_dict`` (so out of logs, checkpoints and dumps).
-SECRET_KEYS = {"llm_api_key", "embedding_api_key"}
-
-METHODS = ("none", "llmser", "tslrec", "llmser+tslrec")
-
-
-def uses_llmser(config) -> bool:
-    """Whether the run's method includes LLMSeR (augmentation + dual-channel training)."""
-    return config["method"] in ("llmser", "llmser+tslrec")
-
-
-def uses_tslrec(config) -> bool:
-    """Whether the run's method includes TSLRec (LLM-enhanced item embeddings)."""
-    return config["method"] in ("tslrec", "llmser+tslrec")
-
+from recbole_llmser.methods import METHODS, SECRET_KEYS, STAGES, uses_llmser, uses_tslrec  # noqa: F401
 
 def properties_dir() -> Path:
     """The property folder: inside the installed package, or the source tree's top-level ``properties/``."""

@@ -50,10 +50,11 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from recbole.utils import get_model as recbole_get_model  # not the registry's: it imports this module
 from torch import nn
 
-from recbole_llmser.config import uses_llmser
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.methods import uses_llmser
 
 #: Per-row weight (rows layout) and channel flag (rows: ORIGINAL / AUGMENTED / SHARED; windows: the sequence).
 WEIGHT_FIELD = "dct_weight"
@@ -332,9 +333,8 @@ def all_positions_loss(model, interaction, reduction: str, negatives=None) -> to
 
 # ----- configuration --------------------------------------------------------------------------------------
 def model_has_adapter(config) -> bool:
-    from recbole_llmser.utils import get_model
-
-    return has_all_positions_adapter(get_model(config["model"]))
+    """Whether the config's model (a name the Config checked) has an all-positions adapter."""
+    return has_all_positions_adapter(recbole_get_model(config["model"]))
 
 
 def dct_enabled(config) -> bool:

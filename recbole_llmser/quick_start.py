@@ -16,13 +16,12 @@ from recbole_llmser.config import Config, uses_llmser, uses_tslrec
 from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.evaluation import check_sampled_protocols, evaluate_split, format_results
+from recbole_llmser.registry import get_model, get_trainer
 from recbole_llmser.trainer import kept_epoch
 from recbole_llmser.utils import (
     atomic_write_json,
     atomic_write_text,
     file_sha256,
-    get_model,
-    get_trainer,
     unique_stem,
 )
 

@@ -13,7 +13,6 @@ from recbole.data.dataloader import TrainDataLoader
 from recbole.trainer import Trainer
 
 from recbole_llmser.compat import load_checkpoint
-from recbole_llmser.config import uses_llmser
 from recbole_llmser.dct import (
     CHANNEL_FIELD,
     TARGET_LIST_FIELD,
@@ -29,6 +28,7 @@ from recbole_llmser.dct import (
     uses_all_positions,
 )
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.methods import uses_llmser
 from recbole_llmser.utils import atomic_file_with_digest, digest_problem, unique_stem
 
 #: Format tag of the training-state file (``train_state.pth``) a resumable run writes after every validated epoch.

@@ -1,4 +1,4 @@
-"""Model/trainer lookup (extension first, then RecBole) and small file helpers."""
+"""Small helpers: paths, content hashes, atomic writes and file digests, secret scrubbing."""
 
 from __future__ import annotations
 
@@ -12,40 +12,11 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
-from recbole.utils import ModelType
-from recbole.utils import get_model as _recbole_get_model
 
 from recbole_llmser.errors import LLMSeRError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent
-
-
-def get_model(model_name: str):
-    """Return RecBole's model class for ``model_name``, or raise a one-line error."""
-    if not isinstance(model_name, str) or not model_name:
-        raise LLMSeRError(f"--model: expected a model name, got {model_name!r}")
-    try:
-        return _recbole_get_model(model_name)
-    except (ValueError, ImportError):  # ImportError: the search reaches recbole.model.exlib_recommender,
-        # whose __init__ imports lightgbm/xgboost (not installed)
-        raise LLMSeRError(
-            f"--model={model_name}: no such model in recbole_llmser or RecBole 1.2.1 "
-            "(names are case-sensitive, e.g. SASRec, GRU4Rec, BERT4Rec)"
-        ) from None
-
-
-def get_trainer(model_type, model_name: str, config=None):
-    """Trainer class: ``DualChannelTrainer`` when ``config`` asks for dual-channel training (see
-    ``recbole_llmser.dct.dct_enabled``), our sequential trainer for other sequential models, RecBole's otherwise."""
-    from recbole_llmser.dct import dct_enabled
-    from recbole_llmser.trainer import DualChannelTrainer, SequentialTrainer
-
-    if model_type == ModelType.SEQUENTIAL:
-        return DualChannelTrainer if config is not None and dct_enabled(config) else SequentialTrainer
-    from recbole.utils import get_trainer as _recbole_get_trainer
-
-    return _recbole_get_trainer(model_type, model_name)
 
 
 def content_hash(settings: dict, sequences=(), *extras: bytes) -> str:

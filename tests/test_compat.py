@@ -2,7 +2,7 @@ import numpy as np
 import torch
 
 import recbole_llmser  # noqa: F401  (applies compat)
-from recbole_llmser.utils import get_model
+from recbole_llmser.registry import get_model
 
 
 def test_numpy_aliases_restored():

@@ -35,7 +35,7 @@ from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.evaluation import format_results
 from recbole_llmser.quick_start import run
 from recbole_llmser.trainer import DualChannelTrainer, SequentialTrainer
-from recbole_llmser.utils import get_model, get_trainer
+from recbole_llmser.registry import get_model, get_trainer
 from tests.conftest import tiny_config_dict, write_tiny_dataset
 
 NAN = float("nan")

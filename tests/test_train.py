@@ -11,7 +11,7 @@ from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.evaluation import evaluate_split
 from recbole_llmser.quick_start import objective_function, run
 from recbole_llmser.trainer import SequentialTrainer, kept_epoch
-from recbole_llmser.utils import get_model
+from recbole_llmser.registry import get_model
 from tests.conftest import Interrupted, stopped_after_epoch, tiny_config_dict
 
 

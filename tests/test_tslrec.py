@@ -21,7 +21,7 @@ from recbole_llmser.tslrec import lm as tsl_lm
 from recbole_llmser.tslrec import stage1, stage2
 from recbole_llmser.tslrec.inject import TableEmbedding, apply_item_embeddings
 from recbole_llmser.tslrec.pipeline import inputs_of
-from recbole_llmser.utils import get_model
+from recbole_llmser.registry import get_model
 from tests.conftest import tiny_config_dict, write_tiny_dataset
 
 WORDS = ("Items this user interacted with , oldest first : ; . product number in colour red blue green item "

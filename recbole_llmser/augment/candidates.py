@@ -37,7 +37,8 @@ from tqdm import tqdm
 from recbole_llmser.compat import load_checkpoint
 from recbole_llmser.data.dataset import leave_one_out_num, train_lengths
 from recbole_llmser.errors import LLMSeRError
-from recbole_llmser.utils import content_hash, digest_problem, get_model, record_digest
+from recbole_llmser.registry import get_model
+from recbole_llmser.utils import content_hash, digest_problem, record_digest
 
 #: Keys of the main config that a helper model copies (data fields and run settings).
 _COPIED_KEYS = (

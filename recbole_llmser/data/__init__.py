@@ -6,11 +6,11 @@ from logging import getLogger
 
 from recbole.data import data_preparation  # noqa: F401  (re-exported for quick_start)
 
-from recbole_llmser.config import uses_llmser
 from recbole_llmser.data.dataset import AugmentedSequentialDataset, SequentialDataset
 from recbole_llmser.data.prepare import prepare_dataset
 from recbole_llmser.dct import ALL_POSITION_MODELS, dct_enabled
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.methods import uses_llmser
 
 
 def create_dataset(config):

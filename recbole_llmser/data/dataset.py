@@ -16,7 +16,6 @@ from recbole.data.dataset import SequentialDataset as _RecBoleSequentialDataset
 from recbole.data.interaction import Interaction
 from recbole.utils import FeatureSource, FeatureType
 
-from recbole_llmser.config import uses_llmser
 from recbole_llmser.dct import (
     AUGMENTED,
     CHANNEL_FIELD,
@@ -31,6 +30,7 @@ from recbole_llmser.dct import (
 )
 from recbole_llmser.data.atomic import FILE_ORDER_FIELD
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.methods import uses_llmser
 
 
 def leave_one_out_num(config):

@@ -27,7 +27,8 @@ from recbole_llmser.augment import candidates as ccg
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.tslrec import stage1, stage2
 from recbole_llmser.tslrec.lm import resolve_lm
-from recbole_llmser.utils import content_hash, get_model
+from recbole_llmser.registry import get_model
+from recbole_llmser.utils import content_hash
 
 #: Properties that define stages 1 and 2; a change gives a new folder.
 STAGE_KEYS = (
