@@ -17,6 +17,7 @@ from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.evaluation import check_sampled_protocols, evaluate_split, format_results
 from recbole_llmser.registry import get_model, get_trainer
+from recbole_llmser.schema import RESUME_FREE_KEYS
 from recbole_llmser.trainer import kept_epoch
 from recbole_llmser.utils import (
     atomic_write_json,
@@ -46,11 +47,6 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     """
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     return run_with_config(config, saved=saved, dry_run=dry_run)
-
-
-#: Keys that may differ between an interrupted run and its resumption (they do not change what is trained).
-RESUME_FREE_KEYS = frozenset({"show_progress", "state", "gpu_id", "use_gpu", "device", "worker", "log_wandb",
-                              "checkpoint_dir", "llm_retry_failed"})
 
 
 def input_files(config) -> dict:
