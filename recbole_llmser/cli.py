@@ -1,4 +1,5 @@
-"""Command line: ``run_recbole_llmser.py`` / ``recbole-llmser``.
+"""Command line: ``run_recbole_llmser.py`` / ``recbole-llmser``. Imports nothing heavy until it runs (``--help``
+answers at once).
 
 Takes RecBole's ``--model``, ``--dataset``, ``--config_files`` and any ``--key=value`` property override.
 Errors the user can fix print one line (``recbole_llmser: error: ...``) and exit with status 2.
@@ -9,16 +10,37 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recbole_llmser.config import METHODS, SECRET_KEYS, STAGES
+from recbole_llmser.methods import METHODS, SECRET_KEYS, STAGES
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.utils import scrub_args
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: Short settings for a first run on a CPU (the property defaults are the paper's: hours to days on a CPU).
+SHORT_CPU_SETTINGS = ("--epochs=1 --ccg_epochs=1 --MAX_ITEM_LIST_LENGTH=20 --ccg_max_len=20 "
+                      "--train_batch_size=512")
+
+EPILOG = f"""\
+properties: any other --key=value overrides a property (lists as in yaml: --eval_protocols="[uni100, full]");
+  every key, its default and meaning: docs/properties.md. Common ones:
+  --epochs=N --train_batch_size=N --learning_rate=X --MAX_ITEM_LIST_LENGTH=N   training
+  --data_path=DIR        folder that holds <dataset>/ with RecBole atomic files (no yaml needed)
+  --run_name=NAME        name the run folder: a stopped run resumes, a finished one returns its results
+  --show_progress=False  no progress bars (logs, CI)
+  --seed=N --use_gpu=False --llm_backend=offline|openai --llm_model=NAME
+short settings for a first run on a CPU (the defaults are the paper's, hours to days on a CPU):
+  {SHORT_CPU_SETTINGS}
+outputs: saved/<dataset>/<run folder>/ (config.yaml, results.json, checkpoint); log/<model>/*.log;
+  augmentation and TSLRec caches under saved/<dataset>/augment/ and saved/<dataset>/tslrec/
+"""
+
+
+def build_parser(prog=None) -> argparse.ArgumentParser:
+    """The command line's parser; ``prog`` defaults to the name the program was started as."""
     parser = argparse.ArgumentParser(
-        prog="run_recbole_llmser.py",
-        description="Train and evaluate a RecBole sequential model, optionally with LLM-based augmentation.",
-        epilog="Any other --key=value overrides a property, e.g. --epochs=5 --train_batch_size=512.",
+        prog=prog,
+        description="Train and evaluate a RecBole sequential model, optionally with LLM-based augmentation "
+                    "(LLMSeR) and/or LLM-enhanced item embeddings (TSLRec).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--model", "-m", default="SASRec", help="RecBole sequential model (default SASRec)")
     parser.add_argument("--dataset", "-d", default="amazon-beauty", help="dataset name (default amazon-beauty)")

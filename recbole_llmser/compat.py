@@ -1,6 +1,7 @@
 """Every workaround that RecBole 1.2.1 needs on NumPy 2, torch >= 2.6 and pandas >= 2, in one place.
 
-Importing :mod:`recbole_llmser` calls :func:`apply` once. Each fix names the RecBole 1.2.1 line it is for.
+Importing this module calls :func:`apply` once; every module of the package that uses RecBole imports it (the
+package's ``__init__`` does not, so ``--help`` needs no torch). Each fix names the RecBole 1.2.1 line it is for.
 Nothing here copies RecBole code; the fixes either restore a removed name, or are small overrides that the
 package's own classes inherit (``ConfigCompatMixin``, ``load_checkpoint``).
 """
@@ -169,3 +170,6 @@ def quiet_transformers_loading():
         hf_logging.set_verbosity(level)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+apply()  # on import: see the module docstring

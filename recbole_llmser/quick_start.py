@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import time
@@ -200,6 +201,28 @@ def _unlock(run_dir: Path) -> None:
         lock.unlink(missing_ok=True)
 
 
+#: ``extra`` key of a log record that goes to the log file but not to the console (see :func:`quiet_console`).
+FILE_ONLY = "file_only"
+
+
+class _NotFileOnly(logging.Filter):
+    def filter(self, record):
+        return not getattr(record, FILE_ONLY, False)
+
+
+def quiet_console(logger) -> None:
+    """Keep records logged with ``extra={FILE_ONLY: True}`` (the config and model dumps) off the console: the
+    console shows what matters (errors first), the log file keeps everything."""
+    for handler in logger.handlers:
+        if type(handler) is logging.StreamHandler and not any(isinstance(f, _NotFileOnly) for f in handler.filters):
+            handler.addFilter(_NotFileOnly())
+
+
+def plain_metrics(result) -> dict:
+    """A metric dict with plain rounded floats (RecBole's hold ``np.float64``, printed as such)."""
+    return {k: round(float(v), 4) for k, v in dict(result or {}).items()}
+
+
 def _resuming(config) -> bool:
     """Whether this run continues a stopped named run (its folder holds ``train_state.pth``)."""
     name = config["run_name"]
@@ -236,7 +259,8 @@ def run_with_config(config, saved=True, dry_run=False):
     init_seed(config["seed"], config["reproducibility"])
     init_logger(config)
     logger = getLogger()
-    logger.info(config)
+    quiet_console(logger)
+    logger.info(config, extra={FILE_ONLY: not config["show_config"]})
 
     stage, artifacts = config["stage"], {}
     if stage == "reconstruct" and not uses_tslrec(config):
@@ -303,7 +327,7 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger):
         from recbole_llmser.tslrec.inject import apply_item_embeddings
 
         apply_item_embeddings(model, table, config["tsl_freeze"], config["tsl_projection"])
-    logger.info(model)
+    logger.info(model, extra={FILE_ONLY: not config["show_config"]})
     trainer = get_trainer(config["MODEL_TYPE"], config["model"], config)(config, model)
 
     trainer.train_state_file = str(run_dir / TRAIN_STATE)  # every run can be resumed: see run_name
@@ -314,7 +338,7 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger):
 
     valid_result = evaluate_split(model, valid_data, dataset, config)
     test_result = evaluate_split(model, test_data, dataset, config)
-    logger.info(set_color("best valid ", "yellow") + f": {dict(best_valid_result or {})}")
+    logger.info(set_color("best valid ", "yellow") + f": {plain_metrics(best_valid_result)}")
     logger.info("\n" + format_results(valid_result, "valid"))
     logger.info("\n" + format_results(test_result, "test"))
 

@@ -95,3 +95,14 @@ def test_a_key_given_with_a_space_is_not_echoed(tmp_cwd, capsys):
     assert main(["--model=SASRec", "--dataset=amazon-fashion-ids", "--llm_api_key", "sk-SPACED123"]) == 2
     line = _error_line(capsys)
     assert "unrecognized argument" in line and "sk-SPACED123" not in line and "***" in line
+
+
+def test_help_names_the_common_options_and_imports_nothing_heavy():
+    code = ("import sys, contextlib, io\nfrom recbole_llmser.cli import main\nout = io.StringIO()\n"
+            "with contextlib.redirect_stdout(out):\n    try:\n        main(['--help'])\n    except SystemExit:\n"
+            "        pass\nprint(out.getvalue())\nprint('HEAVY', sorted({'torch', 'recbole', 'pandas'} & set(sys.modules)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert "HEAVY []" in proc.stdout  # --help answers without importing torch, RecBole or pandas
+    for needle in ("--epochs", "--run_name", "--show_progress", "--data_path", "docs/properties.md",
+                   "--ccg_epochs=1", "saved/<dataset>/"):
+        assert needle in proc.stdout, needle

@@ -28,6 +28,7 @@ from recbole_llmser.dct import (
     uses_all_positions,
     windows_from_rows,
 )
+from recbole_llmser import compat  # noqa: F401  (RecBole fixes before RecBole's dataset code runs)
 from recbole_llmser.data.atomic import FILE_ORDER_FIELD
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.methods import uses_llmser
