@@ -117,7 +117,7 @@ def evaluate_split(model, eval_data, dataset, config, show_progress=False) -> di
     lengths_by_user, seen = dataset.user_train_len, dataset.user_items
     rng = {p: np.random.default_rng([int(config["seed"]), parse_protocol(p) or 0]) for p in protocols}
     ranks = {p: [] for p in protocols}
-    users_all = []
+    users_all, targets_all = [], []
 
     model.eval()
     batch = int(config["eval_batch_size"])
@@ -127,6 +127,7 @@ def evaluate_split(model, eval_data, dataset, config, show_progress=False) -> di
         users = inter[dataset.uid_field].cpu().numpy()
         users_all.append(users)
         target = inter[dataset.iid_field]
+        targets_all.append(target.cpu().numpy())
         scores = model.full_sort_predict(inter).view(len(inter), -1).float()
         scores[:, 0] = -torch.inf  # padding is never a candidate
         target_scores = scores.gather(1, target.view(-1, 1)).squeeze(1)
@@ -141,10 +142,37 @@ def evaluate_split(model, eval_data, dataset, config, show_progress=False) -> di
 
     users_all = np.concatenate(users_all) if users_all else np.empty(0, dtype=np.int64)
     lengths = lengths_by_user[users_all]
+    targets = np.concatenate(targets_all) if targets_all else np.empty(0, dtype=np.int64)
+    shared = shared_targets(targets, assign_groups(lengths, bounds), names or [], bounds)
+    tokens = dataset.field2id_token[dataset.iid_field]
+    shared = [{**s, "item": str(tokens[s["item"]])} for s in shared]
     return {
-        p: {"protocol": p, **grouped_metrics(np.concatenate(ranks[p]) if ranks[p] else np.empty(0), lengths, bounds, names, ks)}
+        p: {"protocol": p, **grouped_metrics(np.concatenate(ranks[p]) if ranks[p] else np.empty(0), lengths, bounds,
+                                             names, ks), **({"shared_targets": shared} if shared else {})}
         for p in protocols
     }
+
+
+#: A group whose users share one target item this often is flagged under the results (see ``shared_targets``).
+SHARED_TARGET_SHARE = 0.2
+
+
+def shared_targets(targets, groups, names, bounds, threshold: float = SHARED_TARGET_SHARE) -> list:
+    """Groups (overall included) in which one item is the target of at least ``threshold`` of the users:
+    ``[{"group", "item", "share"}]``. Such a group's HR/NDCG move in steps with that one item's rank (a cut-off
+    just above or below it flips a large share of the group), which reads like a defect but is the data."""
+    names = list(names) if names else [f"group{i}" for i in range(len(bounds) + 1)]
+    targets, groups = np.asarray(targets), np.asarray(groups)
+    out = []
+    for name, mask in [("overall", np.ones(len(targets), bool))] + [(n, groups == g) for g, n in enumerate(names)]:
+        if mask.sum() < 10:
+            continue
+        items, counts = np.unique(targets[mask], return_counts=True)
+        top = int(np.argmax(counts))
+        share = counts[top] / mask.sum()
+        if share >= threshold:
+            out.append({"group": name, "item": int(items[top]), "share": round(float(share), 4)})
+    return out
 
 
 def format_results(results: dict, title: str) -> str:
@@ -157,7 +185,10 @@ def format_results(results: dict, title: str) -> str:
         rows = [["overall", "all", res["overall"]["n"], *(res["overall"][k] for k in keys)]]
         rows += [[g["name"], g["range"], g["n"], *(g[k] for k in keys)] for g in res["groups"]]
         table = tabulate(rows, headers=["group", "train len", "users", *keys], floatfmt=".4f")
-        blocks.append(f"{title} [{p}]\n{table}")
+        notes = [f"note: {s['share']:.0%} of the {s['group']} users share one {title} target (item {s['item']}): "
+                 "that item's rank moves the group's HR/NDCG in one step between cut-offs" for s in res.get(
+                     "shared_targets", [])]
+        blocks.append("\n".join([f"{title} [{p}]", table, *notes]))
     return "\n\n".join(blocks)
 
 

@@ -73,3 +73,15 @@ def test_parse_protocol():
     assert parse_protocol("uni100") == 100
     with pytest.raises(ValueError):
         parse_protocol("pop100")
+
+
+def test_groups_whose_users_share_one_target_are_flagged():
+    from recbole_llmser.evaluation import format_results, shared_targets
+
+    targets = [7] * 12 + list(range(100, 168))  # 12 of the 20 head users share item 7 (12 of 80 overall)
+    groups = [2] * 20 + [0] * 60
+    found = shared_targets(targets, groups, ["tail", "medium", "head"], [2, 3])
+    assert found == [{"group": "head", "item": 7, "share": 0.6}]
+    assert shared_targets(list(range(80)), groups, ["tail", "medium", "head"], [2, 3]) == []
+    res = {"full": {"overall": {"n": 80, "hit@10": 0.5}, "groups": [], "shared_targets": found}}
+    assert "note: 60% of the head users share one valid target (item 7)" in format_results(res, "valid")
