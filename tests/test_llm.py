@@ -18,6 +18,7 @@ from recbole_llmser.augment import llm
 from recbole_llmser.augment.llm import (
     BudgetExceeded, LLMClient, LLMRequest, LLMSettings, ResponseCache, TokenCounter, settings_from_config,
 )
+from recbole_llmser.augment.llm_tokens import MESSAGE_OVERHEAD_TOKENS, REPLY_PRIMING_TOKENS
 from recbole_llmser.augment.matching import match_answer
 from recbole_llmser.augment.prompts import (
     SNF_TEMPLATE_VERSION, expected_answer_tokens, snf_messages, snf_schema,
@@ -456,7 +457,7 @@ def test_token_counter_offline_fallback_warns_once(monkeypatch, caplog):
     assert counter.method == "heuristic"
     assert counter.count_text("abcdefgh") == 2 and counter.count_text("abcdefghi") == 3
     assert counter.count_messages([{"role": "user", "content": "abcd"}, {"role": "system", "content": ""}]) == \
-        1 + 2 * llm.MESSAGE_OVERHEAD_TOKENS + llm.REPLY_PRIMING_TOKENS
+        1 + 2 * MESSAGE_OVERHEAD_TOKENS + REPLY_PRIMING_TOKENS
     for _ in range(3):
         counter.count_text("more text")
     warnings = [r for r in caplog.records if "tiktoken" in r.getMessage()]

@@ -14,14 +14,10 @@ import numpy as np
 import pytest
 
 from recbole_llmser.augment import semantic
-from recbole_llmser.augment.semantic import (
-    OfflineRanker,
-    SemanticBackend,
-    build_backend,
-    cosine01,
-    item_embeddings,
-    nearest,
-)
+from recbole_llmser.augment.embedding_cache import item_embeddings
+from recbole_llmser.augment.offline_ranker import OfflineRanker
+from recbole_llmser.augment.semantic import SemanticBackend, build_backend
+from recbole_llmser.augment.similarity import cosine01, nearest
 from recbole_llmser.errors import LLMSeRError
 
 TITLES = ["red lipstick matte", "matte red lipstick", "stainless steel pan"]

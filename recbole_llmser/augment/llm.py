@@ -1,50 +1,9 @@
-"""LLM access for the augmentation stages: one OpenAI-compatible client, a persistent response cache, token
-counting, dry-run estimates and a token budget.
+"""LLM access for the augmentation stages: one OpenAI-compatible client (:class:`LLMClient`) with bounded
+concurrency, failure handling and a token budget; requests and results.
 
-Properties (``properties/overall.yaml``; ``--key=value`` on the command line)
-=============================================================================
-
-=========================  ==============  ================================================================
-key                        default         meaning
-=========================  ==============  ================================================================
-``llm_model``              ``gpt-4o-mini`` model name sent to the endpoint (part of the cache key)
-``llm_base_url``           ``~``           OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp ...); unset:
-                                           the environment variable ``OPENAI_BASE_URL``, else OpenAI's API
-``llm_api_key``            ``~``           secret; unset: the environment variable ``OPENAI_API_KEY``. A local
-                                           server with no key gets the placeholder ``not-needed``
-``llm_temperature``        ``0.0``         sampling temperature
-``llm_max_tokens``         ``256``         completion length limit per call (also the dry run's upper bound)
-``llm_seed``               ``42``          sent as ``seed`` (servers that support it sample reproducibly)
-``llm_timeout``            ``60``          seconds per request (per attempt)
-``llm_max_retries``        ``5``           the openai client's own retries (429, 5xx, timeouts, connection
-                                           errors, with its exponential backoff); we add no retry loop
-``llm_concurrency``        ``8``           calls in flight at once
-``llm_structured_output``  ``true``        send ``response_format={"type": "json_schema", ...}`` with the
-                                           request's schema; falls back to plain text for the rest of the
-                                           run when the server rejects it; ``false``: plain text
-``llm_price_prompt``       ``0.15``        USD per 1M prompt tokens (dry-run cost)
-``llm_price_completion``   ``0.60``        USD per 1M completion tokens
-``llm_budget_tokens``      ``~``           prompt + completion tokens this client may spend on real calls
-                                           (``~``: unlimited); see "Budget" below
-``llm_retry_failed``       ``true``        read by ``augment/pipeline.py``: a reused artifact whose users fell
-                                           back because their calls failed is rebuilt, asking those calls
-                                           again; see "Failures" below. ``false``: reuse it as is
-=========================  ==============  ================================================================
-
-The API key is never logged, cached, written to a file or shown by ``repr(LLMSettings)``.
-
-Cache
-=====
-:class:`ResponseCache` is an append-only JSON-lines file, one line per finished call
-(``{"key", "text", "prompt_tokens", "completion_tokens", "model", "error": null}``), appended with one
-``write`` + ``fsync`` as soon as the call finishes, so a killed run loses no finished call and a re-run makes no
-call it already paid for. The key is a sha256 over the model, the messages, the sampling parameters
-(temperature, max_tokens, seed, structured-output flag and schema) and the prompt template version; never the
-API key or the endpoint. Failed calls are not cached (a re-run makes them again; see "Failures" for
-artifacts built while calls failed); answers that later prove malformed or refusals are (they are what the
-model said). When the server rejects structured output, the
-plain-text answers are stored under the configured request's key, so re-running the same configuration makes
-no call.
+The pieces it uses live beside it: the ``llm_*`` properties in ``llm_settings.py``, the persistent response cache
+and its key in ``llm_cache.py``, token counting and dry-run estimates in ``llm_tokens.py``. This module is the entry
+point: it also exports those (:data:`__all__`).
 
 Failures
 ========
@@ -86,21 +45,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import math
-import os
 import re
 import time
 from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
-from pathlib import Path
 
 import openai
 from tqdm import tqdm
 
+from recbole_llmser.augment.llm_cache import ResponseCache, request_key
+from recbole_llmser.augment.llm_settings import LLMSettings, settings_from_config
+from recbole_llmser.augment.llm_tokens import DryRunEstimate, TokenCounter
 from recbole_llmser.errors import LLMSeRError
+
+__all__ = [
+    "ERROR_KINDS", "RETRYABLE_ERROR_KINDS", "HTTP_LOGGERS", "PLACEHOLDER_API_KEY", "LLMRequest", "LLMResult",
+    "LLMStats", "BudgetExceeded", "LLMClient", "quiet_http_logs",
+    # from llm_settings.py, llm_cache.py, llm_tokens.py
+    "LLMSettings", "settings_from_config", "ResponseCache", "request_key", "TokenCounter", "DryRunEstimate",
+]
 
 log = logging.getLogger(__name__)
 
@@ -115,99 +80,8 @@ HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")
 #: API key sent to an endpoint configured without one (local servers ignore it; the openai client needs one).
 PLACEHOLDER_API_KEY = "not-needed"
 
-#: Token-count heuristic when tiktoken's encoding cannot be loaded (offline): ceil(characters / 4) per text.
-HEURISTIC_CHARS_PER_TOKEN = 4
-#: Tokens each chat message adds around its content, and tokens that prime the reply (OpenAI's cookbook).
-MESSAGE_OVERHEAD_TOKENS = 4
-REPLY_PRIMING_TOKENS = 3
-
 #: Errors that no other call can get past (wrong key, no access, unknown model or route): stop the run.
 _FATAL_ERRORS = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
-
-
-# ----- settings ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True, repr=False)
-class LLMSettings:
-    """Everything the client needs; build it with :func:`settings_from_config`. ``repr`` masks the key."""
-
-    model: str = "gpt-4o-mini"
-    base_url: str | None = None
-    api_key: str | None = None
-    temperature: float = 0.0
-    max_tokens: int = 256
-    seed: int = 42
-    timeout: float = 60.0
-    max_retries: int = 5
-    concurrency: int = 8
-    structured_output: bool = True
-    price_prompt: float = 0.15
-    price_completion: float = 0.60
-    budget_tokens: int | None = None
-
-    @property
-    def configured(self) -> bool:
-        """Whether an endpoint is configured (a base URL or an API key); else the offline backend applies."""
-        return bool(self.base_url or self.api_key)
-
-    def public_dict(self) -> dict:
-        """The settings without the key (``"***"`` when one is set): safe for logs and artifacts."""
-        out = {f.name: getattr(self, f.name) for f in fields(self)}
-        out["api_key"] = "***" if self.api_key else None
-        return out
-
-    def __repr__(self) -> str:
-        return "LLMSettings(" + ", ".join(f"{k}={v!r}" for k, v in self.public_dict().items()) + ")"
-
-
-def settings_from_config(config) -> LLMSettings:
-    """Read the ``llm_*`` properties (see the module docstring) from a Config-like object.
-
-    ``config[key]`` must return ``None`` for a missing key; ``config.secret(key, env=...)`` gives the API key.
-    Raises :class:`LLMSeRError` (one line) for an invalid value.
-    """
-    d = LLMSettings()
-
-    def read(key, default, valid, expect):
-        value = config[key]
-        if value is None:
-            return default
-        if not valid(value):
-            raise LLMSeRError(f"property '{key}' = {value!r}: expected {expect}")
-        return value
-
-    def price(key, default):
-        return float(read(key, default, lambda v: _is_number(v) and v >= 0, "a price in USD per 1M tokens >= 0"))
-
-    return LLMSettings(
-        model=read("llm_model", d.model, lambda v: isinstance(v, str) and v.strip(), "a model name"),
-        base_url=read("llm_base_url", None, lambda v: isinstance(v, str), "a URL")
-        or os.environ.get("OPENAI_BASE_URL") or None,
-        api_key=config.secret("llm_api_key", env="OPENAI_API_KEY"),
-        temperature=float(read("llm_temperature", d.temperature, lambda v: _is_number(v) and 0 <= v <= 2,
-                               "a number in [0, 2]")),
-        max_tokens=read("llm_max_tokens", d.max_tokens, _int_at_least(1), "an integer >= 1"),
-        seed=read("llm_seed", d.seed, _is_int, "an integer"),
-        timeout=float(read("llm_timeout", d.timeout, lambda v: _is_number(v) and v > 0, "seconds > 0")),
-        max_retries=read("llm_max_retries", d.max_retries, _int_at_least(0), "an integer >= 0"),
-        concurrency=read("llm_concurrency", d.concurrency, _int_at_least(1), "an integer >= 1"),
-        structured_output=read("llm_structured_output", d.structured_output, lambda v: isinstance(v, bool),
-                               "true or false"),
-        price_prompt=price("llm_price_prompt", d.price_prompt),
-        price_completion=price("llm_price_completion", d.price_completion),
-        budget_tokens=read("llm_budget_tokens", d.budget_tokens, _int_at_least(1), "an integer >= 1 or ~"),
-    )
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _int_at_least(minimum: int):
-    return lambda v: _is_int(v) and v >= minimum
 
 
 # ----- requests and results ------------------------------------------------------------------------------------
@@ -301,169 +175,6 @@ def quiet_http_logs(names=HTTP_LOGGERS, level: int = logging.WARNING):
     finally:
         for logger in changed:
             logger.setLevel(logging.NOTSET)
-
-
-# ----- cache ---------------------------------------------------------------------------------------------------
-def request_key(settings: LLMSettings, request: LLMRequest) -> str:
-    """Cache key: sha256 of the canonical JSON of model, messages, sampling parameters and template version."""
-    structured = bool(settings.structured_output and request.schema)
-    payload = {
-        "model": settings.model,
-        "messages": request.messages,
-        "temperature": float(settings.temperature),
-        "max_tokens": int(settings.max_tokens),
-        "seed": settings.seed,
-        "structured": structured,
-        "schema": request.schema if structured else None,
-        "template_version": request.template_version,
-    }
-    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-class ResponseCache:
-    """Append-only JSON-lines file of finished calls, loaded into a dict ``key -> entry``.
-
-    Corrupt lines (a torn last line after ``kill -9``, or garbage) are skipped, counted in ``n_corrupt`` and
-    logged once; those calls are simply made again. Each append is one ``write`` of one full line, then
-    ``fsync``; if the file does not end with a newline (a torn line), the append starts with one. The first
-    entry of a key wins. Appends use ``O_APPEND``, so two processes sharing the file do not mix their lines.
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-        self.n_corrupt = 0
-        self._entries: dict[str, dict] = {}
-        self._needs_newline = False
-        self._load()
-
-    def _load(self) -> None:
-        if not self.path.is_file():
-            return
-        data = self.path.read_bytes()
-        self._needs_newline = bool(data) and not data.endswith(b"\n")
-        for line in data.split(b"\n"):
-            if not line.strip():
-                continue
-            entry = _parse_entry(line)
-            if entry is None:
-                self.n_corrupt += 1
-            elif entry["error"] is None:
-                self._entries.setdefault(entry["key"], entry)
-        if self.n_corrupt:
-            log.warning("LLM cache %s: skipped %d corrupt line(s) (e.g. torn by a crash); those calls are redone",
-                        self.path, self.n_corrupt)
-
-    def get(self, key: str) -> dict | None:
-        return self._entries.get(key)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._entries
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def append(self, key: str, text: str, prompt_tokens: int, completion_tokens: int, model: str) -> None:
-        """Store one finished call durably (one write of one line, then fsync)."""
-        entry = {"key": key, "text": text, "prompt_tokens": prompt_tokens,
-                 "completion_tokens": completion_tokens, "model": model, "error": None}
-        line = json.dumps(entry, ensure_ascii=False) + "\n"
-        if self._needs_newline:
-            line = "\n" + line
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "ab", buffering=0) as f:
-            f.write(line.encode("utf-8"))
-            os.fsync(f.fileno())
-        self._needs_newline = False
-        self._entries.setdefault(key, entry)
-
-
-def _parse_entry(line: bytes) -> dict | None:
-    try:
-        entry = json.loads(line)
-    except ValueError:
-        return None
-    ok = (isinstance(entry, dict) and isinstance(entry.get("key"), str) and isinstance(entry.get("text"), str)
-          and "error" in entry)
-    return entry if ok else None
-
-
-# ----- token counting ------------------------------------------------------------------------------------------
-class TokenCounter:
-    """Counts tokens with tiktoken's encoding for the model (``cl100k_base`` for models tiktoken does not know).
-
-    When the encoding cannot be loaded (offline: tiktoken downloads it on first use), it logs one warning and
-    counts ``ceil(characters / 4)`` per text instead. ``method`` says which: ``"tiktoken:<name>"`` or
-    ``"heuristic"``.
-    """
-
-    def __init__(self, model: str):
-        self.encoding = _load_encoding(model)
-        self.method = f"tiktoken:{self.encoding.name}" if self.encoding else "heuristic"
-
-    def count_text(self, text: str) -> int:
-        if self.encoding is not None:
-            return len(self.encoding.encode(text, disallowed_special=()))
-        return math.ceil(len(text) / HEURISTIC_CHARS_PER_TOKEN)
-
-    def count_messages(self, messages: list) -> int:
-        """Prompt tokens of a chat request: contents + per-message overhead + reply priming."""
-        content = sum(self.count_text(str(m.get("content") or "")) for m in messages)
-        return content + MESSAGE_OVERHEAD_TOKENS * len(messages) + REPLY_PRIMING_TOKENS
-
-
-def _load_encoding(model: str):
-    try:
-        import tiktoken
-        import tiktoken.model
-
-        try:
-            name = tiktoken.model.encoding_name_for_model(model)
-        except KeyError:
-            name = "cl100k_base"
-        return tiktoken.get_encoding(name)
-    except Exception as err:  # noqa: BLE001 - offline download failure, missing package, ...: all mean "no encoding"
-        log.warning("tiktoken encoding for %r unavailable (%s); counting tokens heuristically as "
-                    "ceil(characters/%d) + %d per message", model, type(err).__name__, HEURISTIC_CHARS_PER_TOKEN,
-                    MESSAGE_OVERHEAD_TOKENS)
-        return None
-
-
-# ----- dry run -------------------------------------------------------------------------------------------------
-@dataclass
-class DryRunEstimate:
-    """Calls, tokens and cost the requests would need (cache hits are free). See :meth:`LLMClient.estimate`."""
-
-    model: str
-    token_method: str
-    requests: int
-    cached: int
-    calls: int
-    prompt_tokens: int
-    completion_tokens_expected: int
-    completion_tokens_max: int
-    cost_expected_usd: float
-    cost_max_usd: float
-    max_tokens: int
-    budget_tokens: int | None
-
-    def __add__(self, other: "DryRunEstimate") -> "DryRunEstimate":
-        """Two stages' estimates together (same settings)."""
-        summed = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self)
-                  if f.name not in ("model", "token_method", "max_tokens", "budget_tokens")}
-        return replace(self, **summed)
-
-    def format(self) -> str:
-        budget = "unlimited" if self.budget_tokens is None else f"{self.budget_tokens:,} tokens"
-        return "\n".join([
-            f"LLM dry run: model {self.model}, tokens counted by {self.token_method}",
-            f"  requests           {self.requests:,} ({self.cached:,} in the cache, {self.calls:,} calls needed)",
-            f"  prompt tokens      {self.prompt_tokens:,}",
-            f"  completion tokens  {self.completion_tokens_expected:,} expected, "
-            f"{self.completion_tokens_max:,} at most (llm_max_tokens={self.max_tokens} per call)",
-            f"  cost (USD)         ${self.cost_expected_usd:,.4f} expected, ${self.cost_max_usd:,.4f} at most",
-            f"  budget             {budget}",
-        ])
 
 
 # ----- client --------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ Backends, named in the log, the summary and every record:
 
 * ``llm``: an OpenAI-compatible endpoint picks the items (SNF) and the masked item (ARV);
 * ``offline``: no endpoint configured (or ``llm_backend: offline``): the documented stand-in
-  :class:`~recbole_llmser.augment.semantic.OfflineRanker` ranks candidates by text similarity to the history;
+  :class:`~recbole_llmser.augment.offline_ranker.OfflineRanker` ranks candidates by text similarity to the history;
 * ``model``: the dataset has no item text (``text: none``): SNF keeps the candidates the forward helper model
   scores highest after the user's history, ARV takes the forward model's top candidate and measures
   w_u with the cosine of the forward model's item embeddings.
@@ -50,7 +50,7 @@ from recbole_llmser.augment import candidates as ccg
 from recbole_llmser.augment import filter as filt
 from recbole_llmser.augment.filter import keep_pseudo_items, select_users
 from recbole_llmser.augment.reliability import decayed_weight, fill_unverifiable, reliability
-from recbole_llmser.augment.semantic import cosine01
+from recbole_llmser.augment.similarity import cosine01
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.utils import atomic_write_json, atomic_write_text, content_hash
 
@@ -197,7 +197,7 @@ def _run_augmentation(config, dataset, dry_run):
     titles = _Titles(prompt_titles(dataset, texts, int(config["title_max_chars"]))) if texts is not None else None
     hist_max = int(config["snf_history_max"])
     if backend == "offline":
-        from recbole_llmser.augment.semantic import OfflineRanker
+        from recbole_llmser.augment.offline_ranker import OfflineRanker
 
         ranker = OfflineRanker.from_config(config)
     if client is not None and snf_mode == "filter":
@@ -347,7 +347,9 @@ def _record(user, pseudo, cands, snf_order, masked, predicted, w, w_tilde, backe
 
 def _item_vectors(config, texts, root):
     """(item text vectors, a title matcher for answers that quote titles) from the semantic backend."""
-    from recbole_llmser.augment.semantic import build_backend, item_embeddings, nearest
+    from recbole_llmser.augment.embedding_cache import item_embeddings
+    from recbole_llmser.augment.semantic import build_backend
+    from recbole_llmser.augment.similarity import nearest
 
     backend = build_backend(config)
     vectors = item_embeddings(backend, texts, config["semantic_cache_dir"] or root / "embeddings",

