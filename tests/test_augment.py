@@ -8,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recbole_llmser.augment import candidates as ccg
+from recbole_llmser import helper_models
 from recbole_llmser.augment.llm import LLMClient
 from recbole_llmser.cli import main
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.quick_start import run
+from recbole_llmser.sequences import user_sequences
 from tests.conftest import tiny_config_dict, write_tiny_dataset
 from tests.llm_server import FakeLLMServer
 
@@ -264,14 +265,14 @@ def test_text_free_dataset_uses_the_forward_model(tmp_cwd):
 def test_helper_models_train_on_training_prefixes_only(tiny_data, tmp_cwd, monkeypatch):
     data, sequences = tiny_data
     trained = []
-    original = ccg._helper_dataset
+    original = helper_models._helper_dataset
 
     def spy(dataset, helper, seqs, users):
         trained.append((helper["ccg_direction"], [[dataset.id2token(dataset.iid_field, i) for i in s] for s in seqs],
                         [dataset.id2token(dataset.uid_field, u) for u in users]))
         return original(dataset, helper, seqs, users)
 
-    monkeypatch.setattr(ccg, "_helper_dataset", spy)
+    monkeypatch.setattr(helper_models, "_helper_dataset", spy)
     _augment(data)
     assert {d for d, _, _ in trained} == {"reverse", "forward"}
     for direction, seqs, users in trained:
@@ -353,7 +354,7 @@ def test_ablation_random_pseudo_items(tiny_data, tmp_cwd):
 
 
 def test_random_pseudo_items_are_uniform_and_outside_the_prefix():
-    from recbole_llmser.augment.filter import random_pseudo_items
+    from recbole_llmser.augment.snf import random_pseudo_items
 
     drawn = random_pseudo_items(11, [[1, 2, 3]] * 2000, 3, seed=0)
     assert all(len(set(d)) == 3 and not set(d) & {1, 2, 3} for d in drawn)
@@ -380,10 +381,10 @@ def test_helper_windows_hold_exactly_recboles_prefix_rows(tiny_data, tmp_cwd):
     data, _ = tiny_data
     config = Config("SASRec", "tiny", config_dict=tiny_config_dict(data, **SMALL, ccg_max_len=3), cmd_args=[])
     dataset = create_dataset(config.copy_with(method="none"))
-    users, seqs = ccg.user_sequences(dataset.inter_feat, dataset.uid_field, dataset.iid_field, dataset.time_field)
-    helper = ccg.helper_config(config, "forward")
+    users, seqs = user_sequences(dataset.inter_feat, dataset.uid_field, dataset.iid_field, dataset.time_field)
+    helper = helper_models.helper_config(config, "forward")
     assert helper["train_all_positions"] is True
-    ds = ccg._helper_dataset(dataset, helper, seqs, list(users))
+    ds = helper_models._helper_dataset(dataset, helper, seqs, list(users))
     inter = ds.inter_feat
     rows = sorted((tuple(h[:n].tolist()), int(t)) for h, n, t in zip(
         inter["item_id_list"], inter["item_length"], inter["item_id"]))
@@ -402,11 +403,11 @@ def test_helper_fingerprint_follows_training_settings_not_run_bookkeeping(tiny_d
 
     config = Config("SASRec", "tiny", config_dict=tiny_config_dict(tiny_data[0], **SMALL), cmd_args=[])
     sequences = [np.array([1, 2, 3]), np.array([4, 5])]
-    helper = ccg.helper_config(config, "reverse")
-    before = ccg.helper_fingerprint(helper, sequences)
+    helper = helper_models.helper_config(config, "reverse")
+    before = helper_models.helper_fingerprint(helper, sequences)
     for key, value in (("run_name", "somewhere"), ("checkpoint_dir", "/elsewhere"), ("show_progress", True)):
         helper[key] = value
-        assert ccg.helper_fingerprint(helper, sequences) == before, key
+        assert helper_models.helper_fingerprint(helper, sequences) == before, key
     helper["learning_rate"] = 0.5
-    assert ccg.helper_fingerprint(helper, sequences) != before
-    assert ccg.helper_fingerprint(ccg.helper_config(config, "reverse"), sequences[:1]) != before
+    assert helper_models.helper_fingerprint(helper, sequences) != before
+    assert helper_models.helper_fingerprint(helper_models.helper_config(config, "reverse"), sequences[:1]) != before

@@ -1,7 +1,7 @@
 import pytest
 
-from recbole_llmser.augment.filter import keep_pseudo_items, select_users
-from recbole_llmser.augment.reliability import decayed_weight, fill_unverifiable, reliability
+from recbole_llmser.augment.arv import decayed_weight, fill_unverifiable, reliability
+from recbole_llmser.augment.snf import keep_pseudo_items, select_users
 
 
 def test_reliability_exact_and_clipped():

@@ -273,7 +273,7 @@ def test_a_helper_checkpoint_that_was_not_written_here_is_retrained_not_loaded(t
                                                                              caplog):
     from recbole.trainer import Trainer
 
-    from recbole_llmser.augment.candidates import helper_digest_dir
+    from recbole_llmser.helper_models import helper_digest_dir
     from tests.test_augment import _augment
 
     data, _ = tiny_data

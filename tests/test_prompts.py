@@ -5,9 +5,10 @@ import pytest
 
 from recbole_llmser.augment import prompts
 from recbole_llmser.augment.prompts import (
-    ARV_TEMPLATE_VERSION, SNF_TEMPLATE_VERSION, arv_messages, arv_schema, clean_title, snf_messages, snf_schema,
+    ARV_TEMPLATE_VERSION, SNF_TEMPLATE_VERSION, arv_messages, arv_schema, snf_messages, snf_schema,
 )
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.item_text import capped_title
 
 HISTORY = ["Red Summer Dress", "Blue Denim Jacket"]
 CANDIDATES = [f"Item title {i}" for i in range(1, 21)]
@@ -61,19 +62,19 @@ def test_schemas():
     assert arv["schema"]["required"] == ["item"]
 
 
-def test_clean_title():
-    assert clean_title("  Hello\n\t world\x00! ") == "Hello world !"
-    assert clean_title("Zero\u200bwidth") == "Zerowidth"
-    assert clean_title(None, fallback="item 7") == "item 7"
-    assert clean_title(float("nan"), fallback="item 7") == "item 7"
-    assert clean_title(" \n\x07 ", fallback="item 7") == "item 7"
+def test_capped_title():
+    assert capped_title("  Hello\n\t world\x00! ") == "Hello world !"
+    assert capped_title("Zero\u200bwidth") == "Zerowidth"
+    assert capped_title(None, fallback="item 7") == "item 7"
+    assert capped_title(float("nan"), fallback="item 7") == "item 7"
+    assert capped_title(" \n\x07 ", fallback="item 7") == "item 7"
     long = "word " * 40
-    capped = clean_title(long, max_chars=30)
+    capped = capped_title(long, max_chars=30)
     assert len(capped) <= 30 and capped.endswith("…") and capped == "word word word word word…"
     one_long_word = "x" * 50
-    assert clean_title(one_long_word, max_chars=10) == "x" * 9 + "…"
-    assert clean_title("exactly ten", max_chars=11) == "exactly ten"
-    assert clean_title(clean_title(long, max_chars=30), max_chars=30) == capped  # idempotent
+    assert capped_title(one_long_word, max_chars=10) == "x" * 9 + "…"
+    assert capped_title("exactly ten", max_chars=11) == "exactly ten"
+    assert capped_title(capped_title(long, max_chars=30), max_chars=30) == capped  # idempotent
 
 
 def test_bad_inputs_are_clear_errors():

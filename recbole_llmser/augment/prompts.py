@@ -7,17 +7,16 @@
   user most likely interacted with next, as ``{"item": number}``.
 
 History titles are "- title" bullet lines and candidates "N. title" lines (each title flattened to one line),
-so an answer's numbers can only mean candidates. Pass titles through :func:`clean_title` first to cap them.
+so an answer's numbers can only mean candidates. Pass titles through
+:func:`~recbole_llmser.item_text.capped_title` first to cap them.
 The messages are a pure function of the inputs (same titles -> identical messages), so the LLM cache key is
 stable; change a template's text only together with its ``*_TEMPLATE_VERSION``.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
-
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.item_text import one_line
 
 SNF_TEMPLATE_VERSION = "snf-v1"
 ARV_TEMPLATE_VERSION = "arv-v1"
@@ -27,39 +26,8 @@ SYSTEM_PROMPT = (
     "candidate items, and you answer with JSON only, using only numbers from the candidate list."
 )
 
-#: Shown for a title that is empty after cleaning (callers normally pass their own fallback to clean_title).
+#: Shown for a title that is empty after flattening (callers normally pass their own fallback to capped_title).
 UNTITLED = "(untitled)"
-
-_SPACE = re.compile(r"\s+")
-
-
-def clean_title(text, max_chars: int = 120, fallback: str = "") -> str:
-    """One-line, capped title: control characters removed, whitespace collapsed, cut at a word boundary with "…".
-
-    Returns ``fallback`` when nothing is left (None, NaN, empty or only whitespace/control characters).
-    """
-    text = _flatten(text) if isinstance(text, str) else ""
-    if not text:
-        return fallback
-    if len(text) <= max_chars:
-        return text
-    cut = text[: max_chars - 1]
-    space = cut.rfind(" ")
-    if space >= max_chars // 2:  # keep whole words unless that loses more than half
-        cut = cut[:space]
-    return cut.rstrip(" ,;:-") + "…"
-
-
-def _flatten(text: str) -> str:
-    """Control characters and line breaks -> spaces, invisible format characters removed, spaces collapsed."""
-    kept = []
-    for ch in text:
-        category = unicodedata.category(ch)
-        if category == "Cc" or category.startswith("Z"):
-            kept.append(" ")
-        elif not category.startswith("C"):
-            kept.append(ch)
-    return _SPACE.sub(" ", "".join(kept)).strip()
 
 
 def expected_answer_tokens(n_picks: int) -> int:
@@ -121,12 +89,12 @@ def _schema(name: str, properties: dict) -> dict:
 
 
 def _history_block(history_titles: list) -> str:
-    lines = [f"- {_flatten(str(title)) or UNTITLED}" for title in history_titles] or ["- (no items yet)"]
+    lines = [f"- {one_line(str(title)) or UNTITLED}" for title in history_titles] or ["- (no items yet)"]
     return "\n".join(["The user's interaction history, oldest first:", *lines])
 
 
 def _candidate_block(candidate_titles: list) -> str:
-    lines = [f"{i}. {_flatten(str(title)) or UNTITLED}" for i, title in enumerate(candidate_titles, start=1)]
+    lines = [f"{i}. {one_line(str(title)) or UNTITLED}" for i, title in enumerate(candidate_titles, start=1)]
     return "\n".join(["Candidate items:", *lines])
 
 

@@ -9,8 +9,8 @@ template and head version, the language model's files and the data (training pre
 * ``table-lm.npy`` (+ ``.ids.json``) — the tuned LM's representation of every item (one-item virtual users);
 * ``table-pca<width>.npy`` (+ ``.ids.json``) — the same projected by PCA to the backbone's item-embedding width.
 
-The helper model that stage 1 clusters is LLMSeR's forward CCG helper (``ccg_*`` settings, training prefixes
-only), saved under an explicit name with a fingerprint of its settings and data in
+The helper model that stage 1 clusters is LLMSeR's forward CCG helper (:mod:`recbole_llmser.helper_models`,
+``ccg_*`` settings, training prefixes only), saved under an explicit name with a fingerprint of its settings and data in
 ``<checkpoint_dir>/<dataset>/augment/models/``, so ``llmser+tslrec`` trains it once.
 """
 
@@ -23,11 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-from recbole_llmser.augment import candidates as ccg
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.item_text import item_texts, prompt_titles
 from recbole_llmser.tslrec import stage1, stage2
 from recbole_llmser.tslrec.lm import resolve_lm
 from recbole_llmser.registry import get_model
+from recbole_llmser.sequences import dataset_prefixes
 from recbole_llmser.utils import content_hash
 
 #: Properties that define stages 1 and 2; a change gives a new folder.
@@ -48,9 +49,7 @@ class Inputs:
 
 
 def item_names(config, dataset) -> np.ndarray:
-    """Each item's name in prompts: its cleaned title (``item_text_field``), else ``item <RecBole token>``."""
-    from recbole_llmser.augment.pipeline import item_texts, prompt_titles
-
+    """Each item's name in prompts: its capped title (``item_text_field``), else ``item <RecBole token>``."""
     field = config["item_text_field"]
     names = prompt_titles(dataset, item_texts(dataset, field) if field else None, int(config["title_max_chars"]))
     names[0] = ""
@@ -58,8 +57,8 @@ def item_names(config, dataset) -> np.ndarray:
 
 
 def inputs_of(config, dataset) -> Inputs:
-    users, seqs = ccg.user_sequences(dataset.inter_feat, dataset.uid_field, dataset.iid_field, dataset.time_field)
-    return Inputs(users, ccg.training_prefixes(config, seqs), item_names(config, dataset))
+    users, prefixes = dataset_prefixes(config, dataset)
+    return Inputs(users, prefixes, item_names(config, dataset))
 
 
 def stage_dir(config, inputs: Inputs, lm_fingerprint: str) -> Path:

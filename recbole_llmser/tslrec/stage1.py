@@ -1,7 +1,7 @@
 """TSLRec stage 1 — information reconstruction (user-level SFT on latent categories).
 
-1. Item embeddings of a pretrained sequential model: the forward helper of ``augment/candidates.py`` (``ccg_*``
-   settings), trained on the users' TRAINING PREFIXES only (sequence minus validation and test items).
+1. Item embeddings of a pretrained sequential model: the forward helper of :mod:`recbole_llmser.helper_models`
+   (``ccg_*`` settings), trained on the users' TRAINING PREFIXES only (sequence minus validation and test items).
 2. k-means (scikit-learn, ``tsl_num_categories`` = K, seeded) on those embeddings: each item's cluster is its
    latent category (:func:`kmeans_categories`).
 3. Per user the target g_u = the normalized histogram of latent categories over the training prefix
@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.helper_models import train_helper
 from recbole_llmser.tslrec.lm import represent
 from recbole_llmser.utils import atomic_file, atomic_write_json
 
@@ -171,9 +172,8 @@ def save_checkpoint(path, lm, head, optimizer, record, fingerprint) -> None:
 # ----- the stage --------------------------------------------------------------------------------------------
 def item_categories(config, dataset, inputs, out_dir, models_dir) -> np.ndarray:
     """Latent category per item id (cached as ``categories.npy``): k-means on the item embeddings of the forward
-    helper model trained on the training prefixes (``augment/candidates.train_helper``, ``ccg_*`` settings)."""
-    from recbole_llmser.augment.candidates import train_helper
-
+    helper model trained on the training prefixes (:func:`~recbole_llmser.helper_models.train_helper`, ``ccg_*``
+    settings)."""
     path = out_dir / "categories.npy"
     if path.is_file():
         return np.load(path, allow_pickle=False)

@@ -1,0 +1,175 @@
+"""What picks items in SNF and ARV (the backend), and what the two stages share in one augmentation run.
+
+Backends, named in the log, the summary and every record (:func:`resolve_backend`):
+
+* ``llm``: an OpenAI-compatible endpoint picks the items (SNF) and the masked item (ARV); :func:`ask` sends the
+  requests, maps each answer onto its candidates (never outside them) and applies the fallback policy;
+* ``offline``: no endpoint configured (or ``llm_backend: offline``): the documented stand-in
+  :class:`~recbole_llmser.augment.offline_ranker.OfflineRanker` ranks candidates by text similarity to the history;
+* ``model``: the dataset has no item text (``text: none``): the forward helper model ranks and picks, and its item
+  embeddings stand in for the text vectors.
+
+:func:`stage_context` gathers, once per run, what SNF and ARV both read (:class:`StageContext`): the selected users'
+training prefixes, item vectors and prompt titles, the LLM client or the offline ranker, and the per-user LLM
+bookkeeping (tokens, failed calls, answer statuses) that ends up in the records and the summary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from logging import getLogger
+from pathlib import Path
+
+import numpy as np
+
+from recbole_llmser.augment.embedding_cache import item_embeddings
+from recbole_llmser.augment.llm import BudgetExceeded, LLMClient
+from recbole_llmser.augment.llm_cache import ResponseCache
+from recbole_llmser.augment.llm_settings import settings_from_config
+from recbole_llmser.augment.matching import apply_fallback, match_answer
+from recbole_llmser.augment.offline_ranker import OfflineRanker
+from recbole_llmser.augment.semantic import build_backend
+from recbole_llmser.augment.similarity import nearest
+from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.item_text import item_texts, prompt_titles
+
+#: The stages that call the LLM, as named in the summary's ``llm_failed`` and the records' ``llm_failed``.
+LLM_STAGES = ("snf", "arv")
+
+
+def resolve_backend(config) -> str:
+    """'llm', 'offline' or 'model' (no item text), from ``llm_backend`` and the configured endpoint."""
+    if not config["item_text_field"]:
+        return "model"
+    choice = config["llm_backend"] or "auto"
+    if choice not in ("auto", "openai", "offline"):
+        raise LLMSeRError(f"property 'llm_backend' = {choice!r}: expected auto, openai or offline")
+    if choice == "offline":
+        return "offline"
+    configured = settings_from_config(config).configured
+    if choice == "openai" and not configured:
+        raise LLMSeRError("llm_backend=openai but no endpoint or key: set OPENAI_BASE_URL and/or OPENAI_API_KEY")
+    return "llm" if configured else "offline"
+
+
+class Titles:
+    """Prompt titles of item ids (see :func:`~recbole_llmser.item_text.prompt_titles`)."""
+
+    def __init__(self, values):
+        self.values = values
+
+    def __call__(self, items):
+        return [self.values[int(i)] for i in items]
+
+
+@dataclass
+class StageContext:
+    """What SNF and ARV share. Users are indices into ``users``/``prefixes``; a *row* is a position in ``rows``
+    (the selected users), as in CCG's candidates."""
+
+    config: object
+    dataset: object  # our unbuilt SequentialDataset (id <-> token, item count)
+    backend: str
+    users: np.ndarray  # internal user ids
+    prefixes: list  # per user: the training prefix
+    rows: list  # the selected users
+    forward: object  # CCG's forward helper model
+    vectors: np.ndarray  # per item id: text vector, or the forward model's item embedding (backend "model")
+    matcher: object = None  # answers quoting titles -> candidate indices (text backends)
+    titles: Titles | None = None
+    client: LLMClient | None = None
+    ranker: OfflineRanker | None = None
+    tokens: dict = field(default_factory=dict)  # user -> [prompt tokens, completion tokens, prompt hashes]
+    failed: dict = field(default_factory=lambda: {stage: {} for stage in LLM_STAGES})  # stage -> {user: kind}
+    status: dict = field(default_factory=lambda: {f"{stage}_status": {} for stage in LLM_STAGES})
+
+    def item_token(self, item) -> str:
+        return self.dataset.id2token(self.dataset.iid_field, int(item))
+
+    def user_token(self, user) -> str:
+        """The RecBole token of user index ``user``."""
+        return self.dataset.id2token(self.dataset.uid_field, int(self.users[user]))
+
+    def history(self, user, drop_last: bool = False):
+        """The user's last ``snf_history_max`` training items (before the masked last one with ``drop_last``)."""
+        prefix = self.prefixes[user][:-1] if drop_last else self.prefixes[user]
+        return prefix[-int(self.config["snf_history_max"]):]
+
+
+def stage_context(config, dataset, backend, users, prefixes, rows, forward, root: Path) -> StageContext:
+    """Item vectors (embedded once per dataset and semantic backend, under ``root/embeddings``), prompt titles, the
+    LLM client (cache ``root/llm_cache.jsonl``; only when a stage asks the LLM) or the offline ranker."""
+    texts = item_texts(dataset, config["item_text_field"]) if backend != "model" else None
+    matcher = None
+    if texts is not None:
+        vectors, matcher = _item_vectors(config, texts, root)
+    else:
+        vectors = _model_vectors(forward)
+    snf_mode, const_w = config["snf_mode"], config["arv_weight"]
+    if snf_mode != "filter" or const_w is not None:
+        getLogger().info(f"augmentation ablation: snf_mode={snf_mode}, arv_weight={const_w}")
+    client = llm_client(config, root) if backend == "llm" and (snf_mode == "filter" or const_w is None) else None
+    titles = Titles(prompt_titles(dataset, texts, int(config["title_max_chars"]))) if texts is not None else None
+    ranker = OfflineRanker.from_config(config) if backend == "offline" else None
+    return StageContext(config, dataset, backend, users, prefixes, rows, forward, vectors, matcher, titles, client,
+                        ranker)
+
+
+def llm_client(config, root) -> LLMClient:
+    return LLMClient(settings_from_config(config), ResponseCache(Path(root) / "llm_cache.jsonl"),
+                     progress=bool(config["show_progress"]))
+
+
+def _item_vectors(config, texts, root):
+    """(item text vectors, a title matcher for answers that quote titles) from the semantic backend."""
+    backend = build_backend(config)
+    vectors = item_embeddings(backend, texts, config["semantic_cache_dir"] or root / "embeddings",
+                              config["dataset"], config["item_text_field"])
+    threshold = float(config["semantic_match_threshold"])
+
+    def matcher(answers, candidate_titles):
+        return nearest(backend.encode(answers), backend.encode(candidate_titles), threshold)
+
+    return vectors, matcher
+
+
+def _model_vectors(model):
+    table = getattr(model, "item_embedding", None)
+    if table is None:
+        raise LLMSeRError(f"ccg_model={type(model).__name__} has no item_embedding; text-free ARV needs one")
+    return table.weight.detach().cpu().numpy()
+
+
+def ask(ctx: StageContext, stage: str, requests, cand_titles, want: int, keep: int, users, fallback=None) -> list:
+    """Ask the LLM (``stage``: "SNF" or "ARV"); map each answer onto its candidates (never outside them); apply the
+    fallback policy (``fallback``, else ``snf_fallback``). Returns per request the picked candidate indices, or None
+    (skipped by the policy).
+
+    Adds each call's tokens and prompt hash to ``ctx.tokens[user]``, and the error kind of each call that failed
+    (:attr:`~recbole_llmser.augment.llm.LLMResult.retryable`) to ``ctx.failed[stage][user]``."""
+    status, failed = ctx.status[f"{stage.lower()}_status"], ctx.failed[stage.lower()]
+    try:
+        results = ctx.client.run(requests, desc=stage)
+    except BudgetExceeded as err:
+        raise LLMSeRError(
+            f"LLM token budget llm_budget_tokens={err.budget} spent during {stage} ({err.finished} calls finished "
+            f"and cached); re-run with a larger --llm_budget_tokens to resume"
+        ) from None
+    policy = fallback or ctx.config["snf_fallback"]
+    picks = []
+    for request, result, titles, user in zip(requests, results, cand_titles, users):
+        used = ctx.tokens.setdefault(user, [0, 0, []])
+        used[0] += result.prompt_tokens or 0
+        used[1] += result.completion_tokens or 0
+        used[2].append(ctx.client.key(request)[:16])
+        if result.ok:
+            match = match_answer(result.text, titles, want, semantic=ctx.matcher)
+        else:
+            match = match_answer("", titles, want)
+            status[f"error:{result.error_kind}"] = status.get(f"error:{result.error_kind}", 0) + 1
+            if result.retryable:
+                failed[user] = result.error_kind
+        status[match.status] = status.get(match.status, 0) + 1
+        filled = apply_fallback(match, len(titles), keep, policy)
+        picks.append(None if filled is None else list(filled.indices))
+    return picks
