@@ -4,7 +4,7 @@ checkpoint and, for LLMSeR runs, the artifact it names), re-evaluates the test s
 and prints the group's rank distribution, its most common test item and item set, the items most often above the
 test item and, for LLMSeR runs, how many users have each of them as a pseudo item.
 
-    python experiments/items_above_target.py saved/amazon-fashion-ids/<run folder> [--min_len 4] [--max_above 20]
+    python benchmarks/analysis/items_above_target.py saved/amazon-fashion-ids/<run folder> [--min_len 4] [--max_above 20]
 
 The run's data folder must still hold its dataset.
 """

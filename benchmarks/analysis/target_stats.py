@@ -1,7 +1,7 @@
 """Statistics behind the README's reading of the results (issue #7), from a RecBole .inter file and, optionally,
 LLMSeR artifacts; standard library only.
 
-    python experiments/target_stats.py dataset/amazon-fashion-ids/amazon-fashion-ids.inter \
+    python benchmarks/analysis/target_stats.py dataset/amazon-fashion-ids/amazon-fashion-ids.inter \
         [saved/amazon-fashion-ids/augment/<hash>/artifact.jsonl ...]
 
 Per sequence length (interactions per user): users, users with a validation row under RecBole's leave-one-out
