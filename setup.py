@@ -25,7 +25,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
     packages=["recbole_llmser", "recbole_llmser.data", "recbole_llmser.augment", "recbole_llmser.tslrec",
-              "recbole_llmser.properties"],
+              "recbole_llmser.experiments", "recbole_llmser.properties"],
     package_dir={"recbole_llmser.properties": "properties"},
     package_data={"recbole_llmser.properties": ["*.yaml", "model/*.yaml", "dataset/*.yaml"]},
     py_modules=["run_recbole_llmser"],

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -147,6 +148,39 @@ def load_checkpoint(path, map_location, digest_dir=None):
     if problem:
         raise LLMSeRError(f"{path} was not written by recbole_llmser (or changed since: {problem}); delete it to retrain")
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+class _NoWriter:
+    """A SummaryWriter that writes nothing (tensorboard off)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
+@contextmanager
+def tensorboard_writer(folder):
+    """While a trainer is built, make RecBole's writer write under ``<folder>/tensorboard`` (the run's folder), or
+    nowhere when ``folder`` is None (``tensorboard: false``).
+
+    recbole/trainer/trainer.py:115 (``Trainer.__init__``) always opens a ``SummaryWriter`` in
+    ``./log_tensorboard/<log file name>/`` of the working directory (recbole/utils/utils.py ``get_tensorboard``),
+    away from the run's other files, and for every helper model too.
+    """
+    import recbole.trainer.trainer as recbole_trainer
+
+    def writer(logger):
+        if folder is None:
+            return _NoWriter()
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(str(Path(folder) / "tensorboard"))
+
+    original = recbole_trainer.get_tensorboard
+    recbole_trainer.get_tensorboard = writer
+    try:
+        yield
+    finally:
+        recbole_trainer.get_tensorboard = original
 
 
 @contextmanager

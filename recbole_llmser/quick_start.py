@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import socket
-import time
 from logging import getLogger
 from pathlib import Path
 
@@ -18,22 +15,9 @@ from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.evaluation import check_sampled_protocols, evaluate_split, format_results
 from recbole_llmser.registry import get_model, get_trainer
-from recbole_llmser.schema import RESUME_FREE_KEYS
+from recbole_llmser.run_folder import CONFIG, INPUTS, INPUTS_FORMAT, RESULTS, TRAIN_STATE, RunFolder, input_digests
 from recbole_llmser.trainer import kept_epoch
-from recbole_llmser.utils import (
-    atomic_write_json,
-    atomic_write_text,
-    file_sha256,
-    unique_stem,
-)
-
-#: Files of a run folder: the final config, the results, and the training state while it trains; the sha256 of
-#: the data files the run started on; the lock its process holds while it runs.
-CONFIG, RESULTS, TRAIN_STATE = "config.yaml", "results.json", "train_state.pth"
-INPUTS, LOCK = "inputs.json", "run.lock"
-INPUTS_FORMAT = "recbole_llmser.inputs/1"
-#: An empty lock file older than this many seconds is one whose process died before writing its pid into it.
-_EMPTY_LOCK_STALE_S = 60
+from recbole_llmser.utils import atomic_write_json, atomic_write_text, digest_path
 
 
 def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_args=None, saved=True,
@@ -48,157 +32,6 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     """
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
     return run_with_config(config, saved=saved, dry_run=dry_run)
-
-
-def input_files(config) -> dict:
-    """The files a run's training reads, by role: the dataset's atomic files (``.inter`` or the benchmark parts,
-    ``.item``, ``.user``, those present), the augmentation artifact (``aug_file``, LLMSeR) and the item-embedding
-    table (``tsl_embedding_file``, TSLRec)."""
-    folder, name = Path(config["data_path"]), config["dataset"]
-    files = {}
-    for suffix in [*(f"{part}.inter" for part in config["benchmark_filename"] or []), "inter", "item", "user"]:
-        path = folder / f"{name}.{suffix}"
-        if path.is_file():
-            files[f".{suffix}"] = path
-    if uses_llmser(config) and config["aug_file"]:
-        files["aug_file"] = Path(config["aug_file"])
-    if uses_tslrec(config) and config["tsl_embedding_file"]:
-        files["tsl_embedding_file"] = Path(config["tsl_embedding_file"])
-    return files
-
-
-def input_digests(config) -> dict:
-    """``{role: {"path", "sha256"}}`` of :func:`input_files` (what ``inputs.json`` records when a run starts)."""
-    return {role: {"path": str(path.resolve()), "sha256": file_sha256(path)}
-            for role, path in input_files(config).items()}
-
-
-def _make_run_dir(config, inputs=None) -> Path:
-    """The run's folder, locked (``run.lock``) for this process: a new ``<model>-<method>-<time>-<random>`` one, or
-    ``run_name``'s (see ``_named_run_dir``). The caller releases the lock (``_unlock``)."""
-    base = Path(config["checkpoint_dir"]).resolve() / config["dataset"]
-    if config["run_name"]:
-        return _named_run_dir(base / config["run_name"], config, inputs)
-    run_dir = base / unique_stem(config["model"], config["method"])
-    run_dir.mkdir(parents=True, exist_ok=False)
-    _lock(run_dir)
-    return run_dir
-
-
-def _named_run_dir(run_dir: Path, config, inputs=None) -> Path:
-    """A named run folder, created when absent and locked against a second process (``_lock``). One that holds an
-    unfinished run (``train_state.pth``) or a finished one (``results.json``) is used only when its ``config.yaml``
-    matches this run's and the data files it started on (``inputs.json``) are unchanged (the caller resumes the
-    first and returns the second's results)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _lock(run_dir)
-    try:
-        finished = (run_dir / RESULTS).is_file()
-        if finished or (run_dir / TRAIN_STATE).is_file():
-            before = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}
-            now = yaml.safe_load(yaml.safe_dump(config.to_dict()))
-            changed = sorted(k for k in set(before) | set(now)
-                             if k not in RESUME_FREE_KEYS and before.get(k) != now.get(k))
-            if changed:
-                what, fix = ("a finished", "delete it") if finished else ("an unfinished", "resume it with its own "
-                                                                          "settings, or delete it")
-                raise LLMSeRError(f"run folder {run_dir} holds {what} run with other settings ({', '.join(changed)}); "
-                                  f"{fix} or choose another run_name")
-            if inputs is not None:
-                _check_inputs(run_dir, inputs, finished)
-    except BaseException:
-        _unlock(run_dir)
-        raise
-    return run_dir
-
-
-def _check_inputs(run_dir: Path, inputs: dict, finished: bool) -> None:
-    """Refuse (one line naming the file) to resume or return a run whose data files changed since it started."""
-    record = run_dir / INPUTS
-    if not record.is_file():
-        getLogger().warning(f"{run_dir} has no {INPUTS} (started by an earlier version of recbole_llmser): whether "
-                            "its data files changed since it started is not checked")
-        return
-    try:
-        before = json.loads(record.read_text(encoding="utf-8"))
-        if before["format"] != INPUTS_FORMAT:
-            raise ValueError(before["format"])
-        before = {role: entry["sha256"] for role, entry in before["files"].items()}
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        raise LLMSeRError(f"{record}: not a recbole_llmser inputs record; delete the run folder {run_dir} or choose "
-                          "another run_name") from None
-    what = "finished" if finished else "unfinished"
-    for role in sorted(set(before) | set(inputs)):
-        now = inputs.get(role)
-        if now is not None and before.get(role) == now["sha256"]:
-            continue
-        if now is None:
-            raise LLMSeRError(f"run folder {run_dir} holds an {what} run that also read a {role} file, which this run "
-                              f"does not have; restore it, or delete {run_dir} or choose another run_name")
-        change = "changed" if role in before else "appeared"
-        raise LLMSeRError(f"{now['path']} {change} since the {what} run in {run_dir} started on it (its sha256 "
-                          f"differs from {INPUTS}'s); restore the file, or delete {run_dir} or choose another "
-                          "run_name to train on the data as it is now")
-
-
-def _lock(run_dir: Path) -> Path:
-    """Take ``<run_dir>/run.lock`` (created atomically, holding this process's pid and host), or refuse in one line
-    when another live process holds it. A lock whose process is gone (same host) is taken over with a warning."""
-    lock = run_dir / LOCK
-    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                     "started": time.strftime("%Y-%m-%d %H:%M:%S")})
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder = _lock_holder(lock)
-            if attempt == 0 and _lock_is_stale(lock, holder):
-                getLogger().warning(f"{lock}: taking over the lock of a run that is no longer running "
-                                    f"(pid {holder.get('pid', '?')} on {holder.get('host', '?')})")
-                lock.unlink(missing_ok=True)
-                continue
-            who = (f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
-                   if holder else "a process that is starting")
-            raise LLMSeRError(f"run folder {run_dir} is in use by another run ({who}); wait for it to end or choose "
-                              f"another run_name (if no such run is going on, delete {lock})") from None
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(me + "\n")
-        return lock
-    raise LLMSeRError(f"{lock}: could not take the run folder's lock; try again")  # another process took it over
-
-
-def _lock_holder(lock: Path) -> dict:
-    try:
-        holder = json.loads(lock.read_text(encoding="utf-8"))
-        return holder if isinstance(holder, dict) else {}
-    except (OSError, ValueError):
-        return {}
-
-
-def _lock_is_stale(lock: Path, holder: dict) -> bool:
-    """Whether the process that wrote ``lock`` is gone: its pid is not running on this host, or (an empty lock) it
-    died before writing its pid. A lock of another host is never stale (its pid cannot be checked from here)."""
-    if not holder:
-        try:
-            return time.time() - lock.stat().st_mtime > _EMPTY_LOCK_STALE_S
-        except OSError:
-            return False
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # PermissionError: alive, another user's
-        return False
-    return False
-
-
-def _unlock(run_dir: Path) -> None:
-    """Remove ``run_dir``'s lock if this process holds it."""
-    lock = run_dir / LOCK
-    if _lock_holder(lock).get("pid") == os.getpid():
-        lock.unlink(missing_ok=True)
 
 
 #: ``extra`` key of a log record that goes to the log file but not to the console (see :func:`quiet_console`).
@@ -254,36 +87,63 @@ def tslrec_stages(config, stage="all", dry_run=False):
 
 
 def run_with_config(config, saved=True, dry_run=False):
-    """Train and evaluate with an existing Config. Writes ``<run dir>/{config.yaml, inputs.json, results.json,
-    *.pth}`` (``*.pth.sha256`` beside each checkpoint); holds ``<run dir>/run.lock`` while it runs."""
+    """Train and evaluate with an existing Config, in the run's folder (:class:`~recbole_llmser.run_folder.RunFolder`:
+    config, inputs, log, status, checkpoints, results). ``dry_run`` and ``stage: augment|reconstruct`` only build
+    (or estimate) the artifacts and return their paths; they make no run folder."""
     init_seed(config["seed"], config["reproducibility"])
-    init_logger(config)
-    logger = getLogger()
-    quiet_console(logger)
-    logger.info(config, extra={FILE_ONLY: not config["show_config"]})
-
-    stage, artifacts = config["stage"], {}
+    stage = config["stage"]
     if stage == "reconstruct" and not uses_tslrec(config):
         raise LLMSeRError(f"--stage=reconstruct is TSLRec's stage 1; method {config['method']} has no such stage")
+    if dry_run or stage in ("reconstruct", "augment"):
+        init_logger(config)
+        logger = getLogger()
+        quiet_console(logger)
+        logger.info(config, extra={FILE_ONLY: not config["show_config"]})
+        return _artifacts(config, stage, dry_run)
+    folder = RunFolder.open(config)
+    logger = folder.start_logging(config)
+    quiet_console(logger)
+    logger.info(set_color("run folder", "blue") + f": {folder.path} (log: {folder.log_file.name})")
+    logger.info(config, extra={FILE_ONLY: not config["show_config"]})
+    try:
+        result = _train_in(folder, config, saved, logger)
+    except BaseException as err:
+        folder.close(err)
+        raise
+    folder.set_status("finished", "results")
+    folder.close()
+    return result
+
+
+def _artifacts(config, stage, dry_run, folder=None) -> dict:
+    """Build (or reuse; ``dry_run``: only estimate) the method's artifacts: LLMSeR's augmentation artifact and/or
+    TSLRec's item-embedding table. Sets ``aug_file`` / ``tsl_embedding_file`` for a run that goes on to train."""
+    artifacts, trains = {}, not dry_run and stage in ("all", "train")
     if uses_llmser(config) and stage != "reconstruct":
         if stage == "train" and not config["aug_file"]:
             raise LLMSeRError("--stage=train needs --aug_file=<artifact.jsonl> (made by --stage=augment)")
-        if stage == "augment" or dry_run or not config["aug_file"]:
+        if not (trains and config["aug_file"]):
             # a stopped run resumes on the artifact it started with (inputs.json), not on one rebuilt meanwhile
             artifact = augment(config.copy_with(llm_retry_failed=False) if _resuming(config) else config, dry_run)
             artifacts["artifact"] = str(artifact) if artifact else None
-            if not (dry_run or stage == "augment"):
+            if trains:
                 config["aug_file"] = str(artifact)
+                folder.set_status("running", "augment")
     if uses_tslrec(config):
         if stage == "train" and not config["tsl_embedding_file"]:
             raise LLMSeRError("--stage=train needs --tsl_embedding_file=<table.npy> (made by --stage=augment)")
-        if stage in ("reconstruct", "augment") or dry_run or not config["tsl_embedding_file"]:
+        if not (trains and config["tsl_embedding_file"]):
             table = tslrec_stages(config, stage, dry_run=dry_run)
             artifacts["tsl_embedding_file"] = str(table) if table else None
-            if not (dry_run or stage in ("reconstruct", "augment")):
+            if trains:
                 config["tsl_embedding_file"] = str(table)
-    if dry_run or stage in ("reconstruct", "augment"):
-        return artifacts
+                folder.set_status("running", "tslrec")
+    return artifacts
+
+
+def _train_in(folder, config, saved, logger):
+    """The artifacts, then the data, then training and evaluation in ``folder``; returns the result dict."""
+    _artifacts(config, config["stage"], False, folder)
     if uses_llmser(config):
         logger.info(f"dual-channel training with the augmentation artifact {config['aug_file']}")
     if uses_tslrec(config):
@@ -293,20 +153,18 @@ def run_with_config(config, saved=True, dry_run=False):
     check_sampled_protocols(config, dataset)
     train_data, valid_data, test_data = data_preparation(config, dataset)
     table = None
-    if uses_tslrec(config):  # checked before the run folder exists: a wrong table leaves nothing behind
+    if uses_tslrec(config):  # checked before anything is written: a wrong table leaves nothing behind
         from recbole_llmser.tslrec.stage2 import load_table
 
         table, _ = load_table(config["tsl_embedding_file"], dataset.field2id_token[dataset.iid_field])
 
     inputs = input_digests(config)  # the files as loaded (prepare_dataset may have just written them)
-    run_dir = _make_run_dir(config, inputs)  # only once the data loaded: a bad dataset leaves no empty run folder
-    try:
-        return _run_in(run_dir, config, dataset, (train_data, valid_data, test_data), table, inputs, saved, logger)
-    finally:
-        _unlock(run_dir)
+    folder.check_resume(config, inputs)
+    return _run_in(folder.path, config, dataset, (train_data, valid_data, test_data), table, inputs, saved, logger,
+                   folder)
 
 
-def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger):
+def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger, folder):
     """Train and evaluate in the locked ``run_dir`` (see ``run_with_config``); returns the result dict."""
     train_data, valid_data, test_data = splits
     if (run_dir / RESULTS).is_file():  # a named run that finished before, with these settings: nothing to train
@@ -331,11 +189,13 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger):
     trainer = get_trainer(config["MODEL_TYPE"], config["model"], config)(config, model)
 
     trainer.train_state_file = str(run_dir / TRAIN_STATE)  # every run can be resumed: see run_name
+    folder.set_status("running", "train")
     best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, saved=saved,
                                                       show_progress=config["show_progress"])
     if saved:
         trainer.load_model_file()
 
+    folder.set_status("running", "evaluate")
     valid_result = evaluate_split(model, valid_data, dataset, config)
     test_result = evaluate_split(model, test_data, dataset, config)
     logger.info(set_color("best valid ", "yellow") + f": {plain_metrics(best_valid_result)}")
@@ -363,7 +223,8 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger):
         "tsl_embedding_file": config["tsl_embedding_file"],
     }
     atomic_write_json(run_dir / RESULTS, result)
-    (run_dir / TRAIN_STATE).unlink(missing_ok=True)  # finished: nothing left to resume
+    for done in (run_dir / TRAIN_STATE, digest_path(run_dir / TRAIN_STATE)):  # finished: nothing left to resume
+        done.unlink(missing_ok=True)
     logger.info(set_color("outputs", "blue") + f": {run_dir} (results.json, config.yaml"
                 + (f", {Path(trainer.saved_model_file).name})" if saved else ")"))
     return result

@@ -177,6 +177,9 @@ SECTIONS = (
           "(results.json) returns those results (same settings only)."),
         P("state", "INFO", None, "(str) RecBole's log level.", "helper no_results"),
         P("show_progress", True, None, "(bool) Progress bars.", "helper no_results"),
+        P("tensorboard", False, boolean,
+          "(bool) Write tensorboard events under the run folder's tensorboard/ (RecBole writes them to "
+          "./log_tensorboard/ for every trainer).", "no_results"),
         P("show_config", False, boolean,
           "(bool) Also print the full config and model at the start of a run on the console (they always go to "
           "the log file).", "no_results"),

@@ -12,7 +12,7 @@ import torch
 from recbole.data.dataloader import TrainDataLoader
 from recbole.trainer import Trainer
 
-from recbole_llmser.compat import load_checkpoint
+from recbole_llmser.compat import load_checkpoint, tensorboard_writer
 from recbole_llmser.dct import (
     CHANNEL_FIELD,
     TARGET_LIST_FIELD,
@@ -68,7 +68,8 @@ class SequentialTrainer(Trainer):
     """
 
     def __init__(self, config, model):
-        super().__init__(config, model)
+        with tensorboard_writer(config["checkpoint_dir"] if config["tensorboard"] else None):
+            super().__init__(config, model)
         stem = unique_stem(config["model"], config["dataset"])
         self.saved_model_file = os.path.join(self.checkpoint_dir, f"{stem}.pth")
         self.train_state_file = None

@@ -15,7 +15,8 @@ from recbole_llmser.cli import main
 from recbole_llmser.compat import load_checkpoint
 from recbole_llmser.config import Config
 from recbole_llmser.errors import LLMSeRError
-from recbole_llmser.quick_start import INPUTS, LOCK, _lock, _unlock, run
+from recbole_llmser.quick_start import run
+from recbole_llmser.run_folder import INPUTS, LOCK, _lock, _unlock
 from recbole_llmser.utils import atomic_file_with_digest, digest_path, digest_problem, file_sha256, recorded_digests
 from tests.conftest import Interrupted, stopped_after_epoch, tiny_config_dict
 
@@ -95,7 +96,7 @@ def test_secrets_on_the_command_line_reach_no_file(tiny_data, tmp_cwd, monkeypat
     no_secret_on_disk()  # results.json, the checkpoint, the log
     checkpoint = load_checkpoint(result["checkpoint"], map_location="cpu")
     assert "--llm_api_key=***" in checkpoint["config"]._cmd_args  # what was given, not its value
-    assert list((tmp_cwd / "log").rglob("*.log"))  # the log was among the files read
+    assert list((tmp_cwd / "saved").rglob("*.log"))  # the log (in the run folder) was among the files read
 
 
 def test_a_secret_given_twice_is_not_echoed():
