@@ -30,7 +30,7 @@ from recbole_llmser.utils import PACKAGE_DIR, REPO_DIR
 #: Command-line flags that belong to run_recbole_llmser.py itself, not to the config.
 CLI_ONLY_KEYS = {"config_files", "dry_run"}
 
-from recbole_llmser.methods import METHODS, SECRET_KEYS, STAGES, uses_llmser, uses_tslrec  # noqa: F401
+from recbole_llmser.methods import SECRET_KEYS
 
 def properties_dir() -> Path:
     """The property folder: inside the installed package, or the source tree's top-level ``properties/``."""

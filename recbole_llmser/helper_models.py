@@ -33,21 +33,15 @@ from tqdm import tqdm
 
 from recbole_llmser.compat import load_checkpoint
 from recbole_llmser.registry import get_model
+from recbole_llmser.schema import HELPER_KEYS
 from recbole_llmser.utils import content_hash, digest_problem, record_digest
-
-#: Keys of the main config that a helper model copies (data fields and run settings).
-_COPIED_KEYS = (
-    "data_path", "USER_ID_FIELD", "ITEM_ID_FIELD", "TIME_FIELD", "load_col", "item_text_field", "seed",
-    "reproducibility", "use_gpu", "gpu_id", "state", "show_progress", "field_separator", "seq_separator",
-    "checkpoint_dir", "worker", "learner", "learning_rate",
-)
 
 
 def helper_config(config, direction: str):
     """Config of the ``reverse`` or ``forward`` helper model: ``ccg_*`` settings over the main data settings."""
     from recbole_llmser.config import Config
 
-    settings = {k: config[k] for k in _COPIED_KEYS if config[k] is not None}
+    settings = {k: config[k] for k in HELPER_KEYS if config[k] is not None}
     settings.update(
         epochs=int(config["ccg_epochs"]),
         train_batch_size=int(config["ccg_batch_size"] or config["train_batch_size"]),

@@ -10,10 +10,11 @@ from pathlib import Path
 import yaml
 from recbole.utils import init_logger, init_seed, set_color
 
-from recbole_llmser.config import Config, uses_llmser, uses_tslrec
+from recbole_llmser.config import Config
 from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.evaluation import check_sampled_protocols, evaluate_split, format_results
+from recbole_llmser.methods import uses_llmser, uses_tslrec
 from recbole_llmser.registry import get_model, get_trainer
 from recbole_llmser.run_folder import CONFIG, INPUTS, INPUTS_FORMAT, RESULTS, TRAIN_STATE, RunFolder, input_digests
 from recbole_llmser.trainer import kept_epoch

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 
-from recbole_llmser.errors import LLMSeRError
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 REPO_DIR = PACKAGE_DIR.parent

@@ -615,7 +615,7 @@ def test_plain_training_through_all_positions(tiny_data, tmp_cwd):
 
 def test_train_lengths_follow_recboles_leave_one_out(tmp_cwd):
     """T_u of users with 2..6 interactions: a 3-item user has no validation row and trains on s_1 -> s_2."""
-    from recbole_llmser.augment.candidates import training_prefixes
+    from recbole_llmser.sequences import training_prefixes
     from recbole_llmser.data.dataset import train_lengths
 
     assert train_lengths([0, 1, 2, 3, 4, 7]).tolist() == [0, 0, 2, 2, 2, 5]

@@ -43,21 +43,12 @@ from recbole_llmser.augment import arv, ccg, snf
 from recbole_llmser.augment.backends import LLM_STAGES, StageContext, resolve_backend, stage_context
 from recbole_llmser.augment.llm import RETRYABLE_ERROR_KINDS, quiet_http_logs
 from recbole_llmser.augment.prompts import ARV_TEMPLATE_VERSION, SNF_TEMPLATE_VERSION
+from recbole_llmser.schema import AUG_KEYS
 from recbole_llmser.sequences import dataset_prefixes
 from recbole_llmser.utils import atomic_write_json, atomic_write_text, content_hash
 
 ARTIFACT = "artifact.jsonl"
 SUMMARY = "summary.json"
-
-#: Properties that define an augmentation; a change gives a new artifact folder.
-AUG_KEYS = (
-    "dataset", "item_text_field", "seed", "MAX_ITEM_LIST_LENGTH",
-    "ccg_model", "ccg_epochs", "ccg_batch_size", "ccg_max_len", "ccg_model_args", "ccg_num_candidates",
-    "snf_num_picks", "aug_num_pseudo", "snf_history_max", "snf_fallback", "title_max_chars",
-    "arv_num_candidates", "aug_decay_beta", "aug_decay_threshold", "aug_max_len", "snf_mode", "arv_weight",
-    "llm_model", "llm_temperature", "llm_max_tokens", "llm_seed", "llm_structured_output",
-    "semantic_backend", "semantic_model", "semantic_model_path", "offline_ranker_decay", "semantic_match_threshold",
-)
 
 
 def augmentation_dir(config, backend: str, sequences) -> Path:

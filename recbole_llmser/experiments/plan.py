@@ -9,9 +9,9 @@ from pathlib import Path
 
 import yaml
 
-from recbole_llmser.config import METHODS
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.experiments.keys import NON_SEMANTIC_KEYS, RUNNER_DEFAULTS, RUNNER_KEYS
+from recbole_llmser.methods import METHODS
 
 METHOD_CHOICES = METHODS  # none, llmser, tslrec, llmser+tslrec
 #: The spec axes: set by the entry's fields, never through overrides.

@@ -16,10 +16,10 @@ from pathlib import Path
 
 import yaml
 
-from recbole_llmser.config import uses_llmser
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.experiments.keys import RECORDED_SETTINGS
 from recbole_llmser.experiments.store import FAILURES, RUNS, WORK, _now, append_jsonl
+from recbole_llmser.methods import uses_llmser
 from recbole_llmser.utils import atomic_write_json
 
 #: Result fields the child passes on from ``quick_start.run``'s result into the run's record.

@@ -25,20 +25,12 @@ import numpy as np
 
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.item_text import item_texts, prompt_titles
+from recbole_llmser.schema import STAGE_KEYS
 from recbole_llmser.tslrec import stage1, stage2
 from recbole_llmser.tslrec.lm import resolve_lm
 from recbole_llmser.registry import get_model
 from recbole_llmser.sequences import dataset_prefixes
 from recbole_llmser.utils import content_hash
-
-#: Properties that define stages 1 and 2; a change gives a new folder.
-STAGE_KEYS = (
-    "dataset", "item_text_field", "title_max_chars", "seed",
-    "ccg_model", "ccg_epochs", "ccg_batch_size", "ccg_max_len", "ccg_model_args",
-    "tsl_lm", "tsl_lm_path", "tsl_pooling", "tsl_dtype", "tsl_num_categories", "tsl_epochs", "tsl_batch_size",
-    "tsl_learning_rate", "tsl_max_tokens", "tsl_max_users", "tsl_max_steps",
-    "tsl_lora", "tsl_lora_r", "tsl_lora_alpha", "tsl_lora_dropout", "tsl_lora_targets",
-)
 
 
 @dataclass
