@@ -12,7 +12,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # Short settings for the demo, passed openly on the command line; the property defaults stay the paper's.
-DEMO_ARGS ?= --epochs=1 --ccg_epochs=1 --MAX_ITEM_LIST_LENGTH=20 --ccg_max_len=20 --train_batch_size=512 --show_progress=False
+DEMO_ARGS ?= --epochs=1 --ccg_epochs=1 --MAX_ITEM_LIST_LENGTH=20 --ccg_max_len=20 --train_batch_size=512
 
 .PHONY: install install-dev install-tslrec demo test clean
 

@@ -11,13 +11,10 @@ import argparse
 import sys
 
 from recbole_llmser.methods import METHODS, SECRET_KEYS, STAGES
+from recbole_llmser.run_plan import SHORT_CPU_SETTINGS
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.utils import scrub_args
 
-
-#: Short settings for a first run on a CPU (the property defaults are the paper's: hours to days on a CPU).
-SHORT_CPU_SETTINGS = ("--epochs=1 --ccg_epochs=1 --MAX_ITEM_LIST_LENGTH=20 --ccg_max_len=20 "
-                      "--train_batch_size=512")
 
 EPILOG = f"""\
 properties: any other --key=value overrides a property (lists as in yaml: --eval_protocols="[uni100, full]");
@@ -52,8 +49,8 @@ def build_parser(prog=None) -> argparse.ArgumentParser:
                         help="all (default), augment (artifacts only: LLMSeR's augmentation, TSLRec's table), "
                              "reconstruct (TSLRec's stage 1 only) or train (needs --aug_file / --tsl_embedding_file)")
     parser.add_argument("--dry_run", action="store_true",
-                        help="llmser: print the LLM calls, tokens and cost the augmentation would need, then stop; "
-                             "tslrec: print the stages' plan (users, steps, items)")
+                        help="print the run's plan (stages, backends, epochs, protocols), then stop; llmser adds the "
+                             "LLM calls, tokens and cost the augmentation would need, tslrec the stages' sizes")
     return parser
 
 

@@ -17,6 +17,7 @@ from recbole_llmser.evaluation import check_sampled_protocols, evaluate_split, f
 from recbole_llmser.methods import uses_llmser, uses_tslrec
 from recbole_llmser.registry import get_model, get_trainer
 from recbole_llmser.run_folder import CONFIG, INPUTS, INPUTS_FORMAT, RESULTS, TRAIN_STATE, RunFolder, input_digests
+from recbole_llmser.run_plan import plan_lines
 from recbole_llmser.trainer import kept_epoch
 from recbole_llmser.utils import atomic_write_json, atomic_write_text, digest_path
 
@@ -100,6 +101,7 @@ def run_with_config(config, saved=True, dry_run=False):
         logger = getLogger()
         quiet_console(logger)
         logger.info(config, extra={FILE_ONLY: not config["show_config"]})
+        _log_plan(logger, config, dry_run)
         return _artifacts(config, stage, dry_run)
     folder = RunFolder.open(config)
     logger = folder.start_logging(config)
@@ -107,6 +109,7 @@ def run_with_config(config, saved=True, dry_run=False):
     logger.info(set_color("run folder", "blue") + f": {folder.path} (log: {folder.log_file.name})")
     logger.info(config, extra={FILE_ONLY: not config["show_config"]})
     try:
+        _log_plan(logger, config, dry_run)
         result = _train_in(folder, config, saved, logger)
     except BaseException as err:
         folder.close(err)
@@ -114,6 +117,12 @@ def run_with_config(config, saved=True, dry_run=False):
     folder.set_status("finished", "results")
     folder.close()
     return result
+
+
+def _log_plan(logger, config, dry_run) -> None:
+    """The run's plan (:func:`~recbole_llmser.run_plan.plan_lines`) before any work; the CPU warning as a warning."""
+    for line in plan_lines(config, dry_run):
+        (logger.warning if line.lstrip().startswith("on a CPU") else logger.info)(line)
 
 
 def _artifacts(config, stage, dry_run, folder=None) -> dict:
@@ -197,8 +206,8 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger, fold
         trainer.load_model_file()
 
     folder.set_status("running", "evaluate")
-    valid_result = evaluate_split(model, valid_data, dataset, config)
-    test_result = evaluate_split(model, test_data, dataset, config)
+    valid_result = evaluate_split(model, valid_data, dataset, config, show_progress=config["show_progress"])
+    test_result = evaluate_split(model, test_data, dataset, config, show_progress=config["show_progress"])
     logger.info(set_color("best valid ", "yellow") + f": {plain_metrics(best_valid_result)}")
     logger.info("\n" + format_results(valid_result, "valid"))
     logger.info("\n" + format_results(test_result, "test"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import time
 
 import numpy as np
 import torch
@@ -46,6 +47,25 @@ def kept_epoch(valid_curve, cur_step: int):
     return valid_curve[-1 - cur_step][0] + 1
 
 
+def epoch_estimate(seconds: float, epochs_left: int, early_stopping: bool) -> str:
+    """One log line: the first epoch's time and what the remaining epochs may take at that pace."""
+    if epochs_left <= 0:
+        return f"first epoch took {_duration(seconds)}"
+    rest = f"{epochs_left} more epochs take about {_duration(seconds * epochs_left)} at this pace"
+    return f"first epoch took {_duration(seconds)}; " + (f"at most {rest} (early stopping may end sooner)"
+                                                         if early_stopping else rest)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
+
+
 class SequentialTrainer(Trainer):
     """RecBole ``Trainer`` for sequential models.
 
@@ -76,6 +96,7 @@ class SequentialTrainer(Trainer):
         self.record_digest = True
         self.valid_curve = []
         self.resumed_from = None
+        self._estimated = False
 
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         """RecBole's ``fit``, resumable through ``train_state_file`` (see the class)."""
@@ -188,7 +209,13 @@ class SequentialTrainer(Trainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if loss_func is None and is_bert4rec(self.model):
             loss_func = self._bert4rec_loss
-        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        start = time.monotonic()
+        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        if not self._estimated:  # the first epoch this process trains: say how long the rest may take
+            self._estimated = True
+            self.logger.info(epoch_estimate(time.monotonic() - start, self.epochs - epoch_idx - 1,
+                                            self.config["eval_step"] <= self.epochs and self.stopping_step))
+        return loss
 
     def _bert4rec_loss(self, interaction):
         ones = torch.ones(len(interaction), device=self.device)
