@@ -35,8 +35,11 @@ def plan_lines(config, dry_run: bool = False) -> list:
     """The plan of a run, a few lines for the log."""
     stage = config["stage"]
     trains = not dry_run and stage in ("all", "train")
+    device = str(config["device"])
+    if config["use_gpu"] and "cuda" not in device:
+        device += " (no CUDA device found: use_gpu has no effect)"
     lines = [f"plan: {config['model']} on {config['dataset']}, method {config['method']}, stage {stage}, "
-             f"device {config['device']}" + (" (dry run: nothing is trained)" if dry_run else "")]
+             f"device {device}" + (" (dry run: nothing is trained)" if dry_run else "")]
     if uses_llmser(config) and stage != "reconstruct":
         if config["aug_file"] and stage != "augment":
             lines.append(f"  LLMSeR augmentation: the artifact {config['aug_file']}")

@@ -25,7 +25,9 @@ def test_paper_settings_on_a_cpu_warn_and_show_the_short_settings(tmp_path):
     assert any("offline embedding stand-in" in line for line in lines)
     assert any("up to 200 epochs" in line for line in lines)
     assert any("hours to days" in line and SHORT_CPU_SETTINGS in line for line in lines)
-    short = _config(tmp_path, epochs=1, ccg_epochs=1, MAX_ITEM_LIST_LENGTH=20, method="none")
+    short = _config(tmp_path, epochs=1, ccg_epochs=1, MAX_ITEM_LIST_LENGTH=20, method="none", use_gpu=True)
+    if "cuda" not in str(short["device"]):  # the device line agrees with what is used
+        assert "device cpu (no CUDA device found: use_gpu has no effect)" in plan_lines(short)[0]
     assert not heavy_on_cpu(short)
     assert not any("hours to days" in line or "LLMSeR" in line for line in plan_lines(short))
 
