@@ -22,6 +22,10 @@ def heavy_on_cpu(config) -> bool:
             or (helpers and config["ccg_epochs"] > 5 and not config["aug_file"]))
 
 
+def _epochs(n) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def _backend_phrase(config) -> str:
     from recbole_llmser.augment.backends import resolve_backend
 
@@ -45,7 +49,7 @@ def plan_lines(config, dry_run: bool = False) -> list:
             lines.append(f"  LLMSeR augmentation: the artifact {config['aug_file']}")
         else:
             lines.append(f"  LLMSeR augmentation: CCG reverse and ARV forward {config['ccg_model']} helpers, "
-                         f"{config['ccg_epochs']} epochs each; SNF and ARV by {_backend_phrase(config)}, two calls a "
+                         f"{_epochs(config['ccg_epochs'])} each; SNF and ARV by {_backend_phrase(config)}, two calls a "
                          "user; helpers and the artifact are reused from <checkpoint_dir>/<dataset>/augment/ when "
                          "their settings and data match")
     if uses_tslrec(config):
@@ -53,11 +57,11 @@ def plan_lines(config, dry_run: bool = False) -> list:
             lines.append(f"  TSLRec item embeddings: the table {config['tsl_embedding_file']}")
         else:
             lines.append(f"  TSLRec: stage 1 tunes {config['tsl_lm_path'] or config['tsl_lm']} for "
-                         f"{config['tsl_epochs']} epoch(s) on {config['tsl_num_categories']} latent categories, stage 2 "
+                         f"{_epochs(config['tsl_epochs'])} on {config['tsl_num_categories']} latent categories, stage 2 "
                          "builds the item table; both reused from <checkpoint_dir>/<dataset>/tslrec/ when they match")
     if trains or dry_run:
         dct = f", dual-channel loss ({config['dct_mode']})" if uses_llmser(config) else ""
-        lines.append(f"  training: up to {config['epochs']} epochs (early stopping after {config['stopping_step']} "
+        lines.append(f"  training: up to {_epochs(config['epochs'])} (early stopping after {config['stopping_step']} "
                      f"without a better {config['valid_metric']}), batch {config['train_batch_size']}, sequences of "
                      f"at most {config['MAX_ITEM_LIST_LENGTH']} items{dct}")
         lines.append(f"  evaluation: {', '.join(config['eval_protocols'])}, overall and per user-length group "
