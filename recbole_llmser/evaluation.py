@@ -1,7 +1,11 @@
 """HR@k / NDCG@k overall and per user-length group, under full ranking and ``uni<N>`` sampled negatives.
 
-The maths is in small pure functions (ranks -> metrics, lengths -> groups); ``evaluate_split`` runs a model
-over RecBole's validation or test rows and feeds them.
+The maths is in small pure functions (ranks -> metrics, lengths -> groups); ``split_rows`` runs a model over
+RecBole's validation or test rows (one rank per row and protocol), ``split_result`` turns them into the grouped
+results and ``evaluate_split`` does both. ``write_per_user`` keeps the rows of a run's splits in its folder
+(``per_user.npz``, see :func:`write_per_user`), from which the metrics are recomputed exactly and runs are compared
+user by user (:mod:`recbole_llmser.experiments.significance`). The module imports torch only where a model runs,
+so reading per-user files needs numpy alone.
 
 Conventions (stated in every report):
 
@@ -18,13 +22,15 @@ Conventions (stated in every report):
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-import torch
-from tqdm import tqdm
 
 from recbole_llmser.errors import LLMSeRError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def parse_protocol(protocol: str):
@@ -45,14 +51,21 @@ def ranks_from_scores(scores: torch.Tensor, target_scores: torch.Tensor, n_equal
     return higher + equal
 
 
+def row_metrics(ranks, k: int):
+    """(HR@k, NDCG@k) of each row with the given 0-based ranks, as float arrays (their means are the metrics)."""
+    ranks = np.asarray(ranks, dtype=np.int64)
+    hit = ranks < k
+    return hit.astype(np.float64), np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+
+
 def metrics_from_ranks(ranks: np.ndarray, ks: Sequence[int]) -> dict:
     """Mean HR@k and NDCG@k over rows with the given 0-based ranks."""
     ranks = np.asarray(ranks, dtype=np.int64)
     out = {}
     for k in ks:
-        hit = ranks < k
+        hit, ndcg = row_metrics(ranks, k)
         out[f"hit@{k}"] = float(hit.mean()) if len(ranks) else float("nan")
-        out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean()) if len(ranks) else float("nan")
+        out[f"ndcg@{k}"] = float(ndcg.mean()) if len(ranks) else float("nan")
     return out
 
 
@@ -72,11 +85,16 @@ def group_ranges(bounds: Sequence[int]) -> list:
     return out
 
 
+def group_names(names, bounds) -> list:
+    """The groups' names: ``names``, or ``group0``, ``group1``, ... when none are set."""
+    return list(names) if names else [f"group{i}" for i in range(len(bounds) + 1)]
+
+
 def grouped_metrics(ranks, lengths, bounds, names, ks) -> dict:
     """Overall and per-group metrics with group sizes."""
     ranks = np.asarray(ranks)
     groups = assign_groups(lengths, bounds)
-    names = list(names) if names else [f"group{i}" for i in range(len(bounds) + 1)]
+    names = group_names(names, bounds)
     result = {"overall": {"n": int(len(ranks)), **metrics_from_ranks(ranks, ks)}, "groups": []}
     for g, (name, rng) in enumerate(zip(names, group_ranges(bounds))):
         mask = groups == g
@@ -103,18 +121,29 @@ def sample_negatives(users, seen, n_items: int, n_neg: int, rng: np.random.Gener
     return out
 
 
-@torch.no_grad()
-def evaluate_split(model, eval_data, dataset, config, show_progress=False) -> dict:
-    """Evaluate ``model`` on the rows of a RecBole eval dataloader; one grouped result per protocol.
+@dataclass
+class SplitRows:
+    """One split's evaluation, row by row (one row per user in leave-one-out): RecBole's internal user ids, their
+    training lengths, the target items (internal ids) and, per protocol, the target's 0-based rank."""
 
-    ``dataset`` is our :class:`recbole_llmser.data.dataset.SequentialDataset` (per-user lengths and items)."""
+    users: np.ndarray
+    lengths: np.ndarray
+    targets: np.ndarray
+    ranks: dict
+
+
+def split_rows(model, eval_data, dataset, config, show_progress=False) -> SplitRows:
+    """Run ``model`` over the rows of a RecBole eval dataloader: the target's rank in each row under every protocol
+    of ``eval_protocols``. ``dataset`` is our :class:`recbole_llmser.data.dataset.SequentialDataset` (per-user
+    lengths and items)."""
+    import torch
+    from tqdm import tqdm
+
     split = eval_data._dataset
     protocols = list(config["eval_protocols"])
-    ks = list(config["topk"])
-    bounds, names = list(config["group_bounds"] or []), config["group_names"]
     device = config["device"]
     n_items = dataset.item_num
-    lengths_by_user, seen = dataset.user_train_len, dataset.user_items
+    seen = dataset.user_items
     rng = {p: np.random.default_rng([int(config["seed"]), parse_protocol(p) or 0]) for p in protocols}
     ranks = {p: [] for p in protocols}
     users_all, targets_all = [], []
@@ -122,35 +151,110 @@ def evaluate_split(model, eval_data, dataset, config, show_progress=False) -> di
     model.eval()
     batch = int(config["eval_batch_size"])
     starts = range(0, len(split), batch)
-    for start in tqdm(starts, desc="Evaluate", disable=not show_progress, ncols=100):
-        inter = split.inter_feat[start:start + batch].to(device)
-        users = inter[dataset.uid_field].cpu().numpy()
-        users_all.append(users)
-        target = inter[dataset.iid_field]
-        targets_all.append(target.cpu().numpy())
-        scores = model.full_sort_predict(inter).view(len(inter), -1).float()
-        scores[:, 0] = -torch.inf  # padding is never a candidate
-        target_scores = scores.gather(1, target.view(-1, 1)).squeeze(1)
-        for p in protocols:
-            n_neg = parse_protocol(p)
-            if n_neg is None:
-                r = ranks_from_scores(scores, target_scores, n_equal_self=1)
-            else:
-                negs = torch.as_tensor(sample_negatives(users, seen, n_items, n_neg, rng[p]), device=scores.device)
-                r = ranks_from_scores(scores.gather(1, negs), target_scores, n_equal_self=0)
-            ranks[p].append(r.cpu().numpy())
+    with torch.no_grad():
+        for start in tqdm(starts, desc="Evaluate", disable=not show_progress, ncols=100):
+            inter = split.inter_feat[start:start + batch].to(device)
+            users = inter[dataset.uid_field].cpu().numpy()
+            users_all.append(users)
+            target = inter[dataset.iid_field]
+            targets_all.append(target.cpu().numpy())
+            scores = model.full_sort_predict(inter).view(len(inter), -1).float()
+            scores[:, 0] = -torch.inf  # padding is never a candidate
+            target_scores = scores.gather(1, target.view(-1, 1)).squeeze(1)
+            for p in protocols:
+                n_neg = parse_protocol(p)
+                if n_neg is None:
+                    r = ranks_from_scores(scores, target_scores, n_equal_self=1)
+                else:
+                    negs = torch.as_tensor(sample_negatives(users, seen, n_items, n_neg, rng[p]), device=scores.device)
+                    r = ranks_from_scores(scores.gather(1, negs), target_scores, n_equal_self=0)
+                ranks[p].append(r.cpu().numpy())
 
-    users_all = np.concatenate(users_all) if users_all else np.empty(0, dtype=np.int64)
-    lengths = lengths_by_user[users_all]
-    targets = np.concatenate(targets_all) if targets_all else np.empty(0, dtype=np.int64)
-    shared = shared_targets(targets, assign_groups(lengths, bounds), names or [], bounds)
+    empty = np.empty(0, dtype=np.int64)
+    users_all = np.concatenate(users_all) if users_all else empty
+    return SplitRows(users=users_all, lengths=np.asarray(dataset.user_train_len)[users_all],
+                     targets=np.concatenate(targets_all) if targets_all else empty,
+                     ranks={p: np.concatenate(ranks[p]) if ranks[p] else empty for p in protocols})
+
+
+def split_result(rows: SplitRows, dataset, config) -> dict:
+    """One grouped result per protocol (overall and per user-length group, with the groups whose users share one
+    target) from a split's rows."""
+    ks = list(config["topk"])
+    bounds, names = list(config["group_bounds"] or []), config["group_names"]
+    shared = shared_targets(rows.targets, assign_groups(rows.lengths, bounds), names or [], bounds)
     tokens = dataset.field2id_token[dataset.iid_field]
     shared = [{**s, "item": str(tokens[s["item"]])} for s in shared]
     return {
-        p: {"protocol": p, **grouped_metrics(np.concatenate(ranks[p]) if ranks[p] else np.empty(0), lengths, bounds,
-                                             names, ks), **({"shared_targets": shared} if shared else {})}
-        for p in protocols
+        p: {"protocol": p, **grouped_metrics(r, rows.lengths, bounds, names, ks),
+            **({"shared_targets": shared} if shared else {})}
+        for p, r in rows.ranks.items()
     }
+
+
+def evaluate_split(model, eval_data, dataset, config, show_progress=False) -> dict:
+    """Evaluate ``model`` on the rows of a RecBole eval dataloader; one grouped result per protocol
+    (:func:`split_rows`, then :func:`split_result`)."""
+    return split_result(split_rows(model, eval_data, dataset, config, show_progress), dataset, config)
+
+
+# ====================================================================================== per-user ranks file ==
+#: The file a training run keeps its per-user ranks in (in its run folder, named in ``results.json``).
+PER_USER = "per_user.npz"
+PER_USER_FORMAT = 1
+
+
+def write_per_user(path, splits: dict, dataset, config) -> None:
+    """Write (atomically) the per-user ranks of a run's evaluated splits (``{"valid": SplitRows, "test": ...}``).
+
+    An ``np.savez_compressed`` archive with no pickled object in it (read it with ``allow_pickle=False``):
+
+    * ``format`` (int32 scalar, 1), ``group_names`` (str), ``group_bounds`` (int32): the run's user-length groups;
+    * per split ``s``: ``s.user`` (str: the user tokens of the dataset's files, one per row), ``s.train_len``
+      (int32: training items), ``s.group`` (int8: index into ``group_names``), and per protocol ``p``
+      ``s.rank.p`` (int32: the target's 0-based rank, ties counted against it).
+
+    HR@k and NDCG@k of any row follow from its rank (:func:`row_metrics`), so the results' metrics, overall and per
+    group, are the means of these rows exactly."""
+    from recbole_llmser.utils import atomic_file
+
+    bounds = list(config["group_bounds"] or [])
+    arrays = {"format": np.int32(PER_USER_FORMAT),
+              "group_names": np.array(group_names(config["group_names"], bounds), dtype=str),
+              "group_bounds": np.array(bounds, dtype=np.int32)}
+    tokens = dataset.field2id_token[dataset.uid_field]
+    for split, rows in splits.items():
+        arrays[f"{split}.user"] = np.asarray(tokens[rows.users]).astype(str)
+        arrays[f"{split}.train_len"] = rows.lengths.astype(np.int32)
+        arrays[f"{split}.group"] = assign_groups(rows.lengths, bounds).astype(np.int8)
+        for p, r in rows.ranks.items():
+            if len(r) and r.max() > np.iinfo(np.int32).max:
+                raise ValueError(f"{p}: a rank does not fit int32")
+            arrays[f"{split}.rank.{p}"] = r.astype(np.int32)
+    with atomic_file(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+def read_per_user(path) -> dict:
+    """A per-user file (:func:`write_per_user`) as ``{"group_names": [...], "group_bounds": [...], "splits":
+    {split: {"user", "train_len", "group": arrays, "ranks": {protocol: int32 ranks}}}}``; ValueError when the file
+    is not one (or of another format version)."""
+    with np.load(path, allow_pickle=False) as z:
+        files = set(z.files)
+        if not {"format", "group_names", "group_bounds"} <= files or int(z["format"]) != PER_USER_FORMAT:
+            raise ValueError(f"{path}: not a per-user ranks file of format {PER_USER_FORMAT}")
+        out = {"group_names": [str(n) for n in z["group_names"]], "group_bounds": z["group_bounds"].tolist(),
+               "splits": {}}
+        for key in sorted(files):
+            split, _, rest = key.partition(".")
+            if not rest:
+                continue
+            entry = out["splits"].setdefault(split, {"ranks": {}})
+            if rest.startswith("rank."):
+                entry["ranks"][rest[len("rank."):]] = z[key]
+            else:
+                entry[rest] = z[key]
+    return out
 
 
 #: A group whose users share one target item this often is flagged under the results (see ``shared_targets``).
@@ -161,7 +265,7 @@ def shared_targets(targets, groups, names, bounds, threshold: float = SHARED_TAR
     """Groups (overall included) in which one item is the target of at least ``threshold`` of the users:
     ``[{"group", "item", "share"}]``. Such a group's HR/NDCG move in steps with that one item's rank (a cut-off
     just above or below it flips a large share of the group), which reads like a defect but is the data."""
-    names = list(names) if names else [f"group{i}" for i in range(len(bounds) + 1)]
+    names = group_names(names, bounds)
     targets, groups = np.asarray(targets), np.asarray(groups)
     out = []
     for name, mask in [("overall", np.ones(len(targets), bool))] + [(n, groups == g) for g, n in enumerate(names)]:

@@ -13,7 +13,9 @@ from recbole.utils import init_logger, init_seed, set_color
 from recbole_llmser.config import Config
 from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
-from recbole_llmser.evaluation import check_sampled_protocols, evaluate_split, format_results
+from recbole_llmser.evaluation import (
+    PER_USER, check_sampled_protocols, format_results, split_result, split_rows, write_per_user,
+)
 from recbole_llmser.methods import uses_llmser, uses_tslrec
 from recbole_llmser.registry import get_model, get_trainer
 from recbole_llmser.run_folder import CONFIG, INPUTS, INPUTS_FORMAT, RESULTS, TRAIN_STATE, RunFolder, input_digests
@@ -206,8 +208,9 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger, fold
         trainer.load_model_file()
 
     folder.set_status("running", "evaluate")
-    valid_result = evaluate_split(model, valid_data, dataset, config, show_progress=config["show_progress"])
-    test_result = evaluate_split(model, test_data, dataset, config, show_progress=config["show_progress"])
+    rows = {name: split_rows(model, data, dataset, config, show_progress=config["show_progress"])
+            for name, data in (("valid", valid_data), ("test", test_data))}
+    valid_result, test_result = (split_result(rows[name], dataset, config) for name in ("valid", "test"))
     logger.info(set_color("best valid ", "yellow") + f": {plain_metrics(best_valid_result)}")
     logger.info("\n" + format_results(valid_result, "valid"))
     logger.info("\n" + format_results(test_result, "test"))
@@ -231,11 +234,13 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger, fold
         "checkpoint": trainer.saved_model_file if saved else None,
         "aug_file": config["aug_file"],
         "tsl_embedding_file": config["tsl_embedding_file"],
+        "per_user": PER_USER,  # the per-user ranks of both splits, beside results.json (written first)
     }
+    write_per_user(run_dir / PER_USER, rows, dataset, config)
     atomic_write_json(run_dir / RESULTS, result)
     for done in (run_dir / TRAIN_STATE, digest_path(run_dir / TRAIN_STATE)):  # finished: nothing left to resume
         done.unlink(missing_ok=True)
-    logger.info(set_color("outputs", "blue") + f": {run_dir} (results.json, config.yaml"
+    logger.info(set_color("outputs", "blue") + f": {run_dir} (results.json, {PER_USER}, config.yaml"
                 + (f", {Path(trainer.saved_model_file).name})" if saved else ")"))
     return result
 

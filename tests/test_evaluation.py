@@ -85,3 +85,42 @@ def test_groups_whose_users_share_one_target_are_flagged():
     assert shared_targets(list(range(80)), groups, ["tail", "medium", "head"], [2, 3]) == []
     res = {"full": {"overall": {"n": 80, "hit@10": 0.5}, "groups": [], "shared_targets": found}}
     assert "note: 60% of the head users share one valid target (item 7)" in format_results(res, "valid")
+
+
+def test_a_run_keeps_per_user_ranks_that_give_its_metrics_exactly(tiny_data, tmp_cwd):
+    """A tiny training run writes per_user.npz beside results.json (which names it); the metrics recomputed from
+    its ranks equal results.json's, exactly, overall and per group, for each protocol and split."""
+    import json
+    from pathlib import Path
+
+    from recbole_llmser.evaluation import PER_USER, read_per_user, row_metrics
+    from recbole_llmser.quick_start import run
+    from tests.conftest import tiny_config_dict
+
+    data, sequences = tiny_data
+    result = run("SASRec", "tiny", config_dict=tiny_config_dict(data), cmd_args=[])
+    run_dir = Path(result["run_dir"])
+    saved = json.loads((run_dir / "results.json").read_text())
+    assert saved["per_user"] == result["per_user"] == PER_USER == "per_user.npz"
+    assert {"model", "dataset", "method", "seed", "best_valid_score", "valid", "test", "run_dir", "checkpoint",
+            "aug_file", "tsl_embedding_file", "valid_curve", "best_epoch"} < set(saved)  # the keys it had
+    per_user = read_per_user(run_dir / PER_USER)
+    assert per_user["group_names"] == ["tail", "medium", "head"] and per_user["group_bounds"] == [4, 7]
+    assert set(per_user["splits"]) == {"valid", "test"}
+    for split in ("valid", "test"):
+        rows = per_user["splits"][split]
+        assert sorted(rows["user"].tolist()) == sorted(sequences)  # every user once, by its token
+        lengths = {u: len(s) - 2 for u, s in sequences.items()}
+        assert rows["train_len"].tolist() == [lengths[u] for u in rows["user"]]
+        assert rows["group"].tolist() == assign_groups(rows["train_len"], [4, 7]).tolist()
+        assert set(rows["ranks"]) == {"uni20", "full"} == set(saved[split])
+        for protocol, res in saved[split].items():
+            ranks = rows["ranks"][protocol]
+            assert ranks.dtype == np.int32 and len(ranks) == res["overall"]["n"]
+            hit, ndcg = row_metrics(ranks, 10)
+            assert (float(hit.mean()), float(ndcg.mean())) == (res["overall"]["hit@10"], res["overall"]["ndcg@10"])
+            for g, group in enumerate(res["groups"]):
+                mask = rows["group"] == g
+                assert int(mask.sum()) == group["n"] and group["name"] == per_user["group_names"][g]
+                assert (float(hit[mask].mean()), float(ndcg[mask].mean())) == (group["hit@10"], group["ndcg@10"])
+    assert not list(run_dir.glob(".*.tmp"))

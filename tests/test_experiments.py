@@ -354,6 +354,43 @@ def test_plan_runs_each_spec_once_and_resumes(tiny_data, tmp_cwd, capsys):
     assert len(ex.load_runs(results)[0]) == 2
 
 
+def test_a_plan_run_keeps_per_user_ranks_and_reports_p_values(tiny_data, tmp_cwd, capsys):
+    """Each run's record names its per-user ranks file; the main table's p-value row tests llmser against none over
+    the users, with the two seeds paired, and equals the paired test recomputed from those files."""
+    import numpy as np
+
+    from recbole_llmser.evaluation import read_per_user, row_metrics
+
+    data, sequences = tiny_data
+    plan = _tiny_plan(tmp_cwd, data, [{"dataset": "tiny", "model": "SASRec", "method": ["none", "llmser"],
+                                        "seeds": [42, 43]}])
+    assert ex.main([str(plan)]) == 0
+    results = tmp_cwd / "results" / "tiny"
+    runs = ex.load_runs(results)[0]
+    assert len(runs) == 4
+    for r in runs:
+        assert r["per_user"] == str(Path(r["run_dir"]) / "per_user.npz") and Path(r["per_user"]).is_file()
+    report = (results / "report.md").read_text()
+    assert "p-values need runs" not in report  # every run kept its ranks: no footnote
+    by_key = {(r["method"], r["seed"]): read_per_user(r["per_user"])["splits"]["test"] for r in runs}
+    for protocol in ("uni20", "full"):
+        table = report.split(f"### Test, protocol `{protocol}`")[1].split("![")[0]
+        row = next(ln for ln in table.splitlines() if ln.startswith("| SASRec | p-value llmser vs none |"))
+        cells = [c.strip() for c in row.strip("|").split("|")][4:]
+        assert len(cells) == 8 and "—" not in cells  # HR@10 and NDCG@10, overall and 3 groups
+
+        def ndcg(method, seed):  # per-user NDCG@10 in the order of the users' tokens
+            split = by_key[(method, seed)]
+            return row_metrics(split["ranks"][protocol], 10)[1][np.argsort(split["user"])]
+
+        expected = ex.paired_test([ndcg("none", s) for s in (42, 43)], [ndcg("llmser", s) for s in (42, 43)])
+        assert expected.n == len(sequences) and cells[1] == ex.fmt_p(expected.p)
+    # --report_only writes the same p-values
+    assert ex.main([str(plan), "--report_only"]) == 0
+    again = (results / "report.md").read_text()
+    assert [ln for ln in again.splitlines() if "p-value" in ln] == [ln for ln in report.splitlines() if "p-value" in ln]
+
+
 def test_a_stopped_run_resumes_when_the_plan_runs_again(tiny_data, tmp_cwd, monkeypatch, capsys):
     """A run stopped after its first validated epoch (here in-process, as Ctrl-C or a timeout would) leaves its
     training state in the runner's folder for it; the plan's next run continues it and records where."""

@@ -58,7 +58,8 @@ times are left out of the cost table too).
 
 The package: :mod:`~recbole_llmser.experiments.keys` (the property key lists), :mod:`.plan` (plan format,
 validation, expansion, ids), :mod:`.store` (``runs.jsonl`` / ``failures.jsonl``, recorded plans, the folder lock),
-:mod:`.stats` (means, gains, validation choice), :mod:`.tables` (markdown tables), :mod:`.plots`, :mod:`.report`
+:mod:`.stats` (means, gains, validation choice, the paired test), :mod:`.significance` (the main tables'
+p-values from the runs' per-user ranks), :mod:`.tables` (markdown tables), :mod:`.plots`, :mod:`.report`
 (``report.md``), :mod:`.index` (``results/README.md``), :mod:`.runner` (one run in its own process) and
 :mod:`.cli` (the command line; ``__main__``).
 """
@@ -73,9 +74,11 @@ from recbole_llmser.experiments.plan import (
 from recbole_llmser.experiments.plots import PLOT_METRIC, plot_main, plot_sweep
 from recbole_llmser.experiments.report import BACKEND_NOTES, membership, write_report
 from recbole_llmser.experiments.runner import run_folder, run_spec
+from recbole_llmser.experiments.significance import gain_test, missing_note, pvalue_cells, seed_pairs
 from recbole_llmser.experiments.stats import (
-    aggregate, entry_records, fmt_gain, fmt_mean_std, group_info, group_rows, matched_seeds, mean_std,
-    metric_value, overall_n, protocols_of, relative_gain, selection_protocol, stopped_at_cap, validation_choice,
+    PairedTest, aggregate, entry_records, fmt_gain, fmt_mean_std, fmt_p, group_info, group_rows, matched_seeds,
+    mean_std, metric_value, overall_n, paired_test, protocols_of, relative_gain, selection_protocol, stopped_at_cap,
+    validation_choice,
 )
 from recbole_llmser.experiments.store import (
     FAILURES, REPORT, RUNS, WORK, append_jsonl, load_runs, read_jsonl, record_plan, recorded_plans,
@@ -86,13 +89,13 @@ from recbole_llmser.experiments.tables import (
 
 __all__ = [
     "AXES", "BACKEND_NOTES", "ENTRY_KEYS", "FAILURES", "METHOD_CHOICES", "METRICS", "NON_SEMANTIC_KEYS",
-    "PLAN_KEYS", "PLOT_METRIC", "RECORDED_SETTINGS", "REPORT", "RUNNER_DEFAULTS", "RUNNER_KEYS", "RUNS", "WORK",
-    "aggregate", "append_jsonl", "build_parser", "cost_table", "entry_records", "expand_plan", "fmt_gain",
-    "fmt_mean_std", "format_overrides", "group_info", "group_rows", "index_text", "labelled_table", "load_plan",
-    "load_runs", "main", "main_table", "matched_seeds", "md_table", "mean_std", "membership", "metric_value",
-    "mixed_rows", "overall_n", "plot_main", "plot_sweep", "print_dry_run", "protocols_of", "read_jsonl",
-    "record_plan", "recorded_plans", "relative_gain", "results_dir_for", "results_root_for", "run_folder",
-    "run_plan", "run_spec", "runs_table", "select_specs", "selection_protocol", "spec_id", "stopped_at_cap",
-    "sweep_series", "sweep_table", "unique_runs", "validate_plan", "validation_choice", "write_index",
-    "write_report", "write_results_index",
+    "PLAN_KEYS", "PLOT_METRIC", "PairedTest", "RECORDED_SETTINGS", "REPORT", "RUNNER_DEFAULTS", "RUNNER_KEYS",
+    "RUNS", "WORK", "aggregate", "append_jsonl", "build_parser", "cost_table", "entry_records", "expand_plan",
+    "fmt_gain", "fmt_mean_std", "fmt_p", "format_overrides", "gain_test", "group_info", "group_rows", "index_text",
+    "labelled_table", "load_plan", "load_runs", "main", "main_table", "matched_seeds", "md_table", "mean_std",
+    "membership", "metric_value", "missing_note", "mixed_rows", "overall_n", "paired_test", "plot_main",
+    "plot_sweep", "print_dry_run", "protocols_of", "pvalue_cells", "read_jsonl", "record_plan", "recorded_plans",
+    "relative_gain", "results_dir_for", "results_root_for", "run_folder", "run_plan", "run_spec", "runs_table",
+    "seed_pairs", "select_specs", "selection_protocol", "spec_id", "stopped_at_cap", "sweep_series", "sweep_table",
+    "unique_runs", "validate_plan", "validation_choice", "write_index", "write_report", "write_results_index",
 ]

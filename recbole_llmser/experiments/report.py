@@ -104,6 +104,13 @@ def _reading_guide(records, valid_metric) -> list:
             "* `gain <method> vs none` = (mean method − mean none) / mean none × 100, same backbone, protocol and "
             "column; `Δ NDCG@10 vs first row` likewise against a table's first row. Both means are over the seeds the "
             "two rows share (named in the cell when one row has seeds the other lacks).",
+            "* `p-value <method> vs none` (main tables): two-sided paired t-test (`scipy.stats.ttest_rel`) over the "
+            "test users of the column's group, of each user's HR@10 or NDCG@10 under that protocol, averaged over the "
+            "seeds both rows have (runs paired by seed, so `uni<N>` compares the same sampled negatives; users paired "
+            "with themselves). It asks whether the difference is larger than the spread between users explains for "
+            "these trained models; the spread between seeds (the ± above) is not part of it, and the many cells are "
+            "not corrected for multiple comparisons. It needs the runs' per-user ranks (`per_user.npz`, kept by "
+            "runs recorded since they exist); `—` where a run has none.",
             "* User-length groups count training items (sequence minus validation and test items), never pseudo "
             "items; each column names the group's range and its number of test users.",
             ""]

@@ -1,5 +1,6 @@
 """Running one spec: a fresh Python process (``python -m recbole_llmser.experiments --_child <job>``) per run,
-its peak memory from ``wait4``, a time limit, and its record appended to ``runs.jsonl`` or ``failures.jsonl``."""
+its peak memory from ``wait4``, a time limit, and its record appended to ``runs.jsonl`` or ``failures.jsonl``
+(with ``per_user``, the path of the run's per-user test and validation ranks, which the report's p-values read)."""
 
 from __future__ import annotations
 
@@ -155,6 +156,7 @@ def _success(base, child) -> dict:
         "run_s": child.get("run_s"), "train_eval_s": child.get("train_eval_s"),
         "peak_rss_mb_self": child.get("peak_rss_mb"), "peak_gpu_mb": child.get("peak_gpu_mb"),
         "aug": child.get("aug"), "settings": child.get("settings"), "env": child.get("env"),
+        "per_user": child.get("per_user"),
     }
 
 
@@ -219,6 +221,14 @@ def _recorded_settings(job, result) -> dict:
     return {k: cfg[k] for k in keys if k in cfg}
 
 
+def _per_user_path(result):
+    """The path of the run's per-user ranks file (``per_user`` in its results.json names it in its run folder);
+    None for a run that kept none (its results.json predates them)."""
+    if not (result.get("per_user") and result.get("run_dir")):
+        return None
+    return str(Path(result["run_dir"]) / result["per_user"])
+
+
 def _child_main(job_path) -> int:
     """Inside the run's own process: quick_start.run(...), then a JSON result file for the parent."""
     import resource
@@ -250,6 +260,7 @@ def _child_main(job_path) -> int:
         "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
         "aug": aug,
         "settings": _recorded_settings(job, result),
+        "per_user": _per_user_path(result),
         "env": {"python": sys.version.split()[0], "torch": torch.__version__,
                 "device_name": torch.cuda.get_device_name() if cuda else "cpu",
                 "host": os.uname().nodename if hasattr(os, "uname") else None},

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 from recbole_llmser.experiments.plan import METHOD_CHOICES, format_overrides
+from recbole_llmser.experiments.significance import missing_note, pvalue_cells
 from recbole_llmser.experiments.stats import (
     _sort_x, aggregate, entry_records, fmt_gain, fmt_mean_std, group_info, group_rows, matched_seeds, mean_std,
     metric_value, overall_n, relative_gain, selection_protocol, validation_choice,
@@ -64,12 +65,12 @@ def _row_cells(rs, protocol, cols) -> list:
 
 def main_table(entries, protocol):
     """Markdown table of the ``main`` group for ``protocol``: rows backbone × method (mean ± std over seeds),
-    a gain row per backbone (llmser over none, on the means over the seeds both rows have), validation NDCG@10
-    beside test."""
+    per backbone and method a gain row (over none, on the means over the seeds both rows have) and a p-value row
+    (:func:`_comparison_rows`), validation NDCG@10 beside test; a footnote when runs lack per-user ranks."""
     rows_by_key = group_rows(entries, lambda e: (e[0]["model"], e[0]["method"]))
     cols = _columns(entry_records(entries), protocol)
     header = ["backbone", "method", "seeds", "valid NDCG@10"] + [c[0] for c in cols]
-    rows = []
+    rows, compared = [], {}  # compared: the runs of the gain rows, by id
     for model in list(dict.fromkeys(k[0] for k in rows_by_key)):
         for method in METHOD_CHOICES:
             group = rows_by_key.get((model, method))
@@ -78,12 +79,22 @@ def main_table(entries, protocol):
                 rows.append([model, method, len(rs)] + _row_cells(rs, protocol, cols))
         for method in METHOD_CHOICES[1:]:
             if (model, "none") in rows_by_key and (model, method) in rows_by_key:
-                label, base, new = matched_seeds(entry_records(rows_by_key[(model, "none")]),
-                                                 entry_records(rows_by_key[(model, method)]))
-                gains = [fmt_gain(relative_gain(aggregate(base, "test", protocol, k, g)[0],
-                                                aggregate(new, "test", protocol, k, g)[0])) for _, g, k in cols]
-                rows.append([model, f"gain {method} vs none{label}", "", ""] + gains)
-    return md_table(header, rows) + _mix_note(rows_by_key)
+                base, new = (entry_records(rows_by_key[(model, m)]) for m in ("none", method))
+                rows += _comparison_rows(model, method, base, new, protocol, cols)
+                compared.update({r["id"]: r for r in base + new})
+    return md_table(header, rows) + _mix_note(rows_by_key) + missing_note(list(compared.values()))
+
+
+def _comparison_rows(model, method, base, new, protocol, cols) -> list:
+    """The gain row of ``method`` over ``none`` (relative change of the means over the seeds both rows have) and
+    its p-value row (paired t-test over users, runs paired by seed: :func:`~recbole_llmser.experiments.significance.
+    pvalue_cells`)."""
+    label, base_m, new_m = matched_seeds(base, new)
+    gains = [fmt_gain(relative_gain(aggregate(base_m, "test", protocol, k, g)[0],
+                                    aggregate(new_m, "test", protocol, k, g)[0])) for _, g, k in cols]
+    p_label, p_cells = pvalue_cells(base_m, new_m, protocol, cols)
+    return [[model, f"gain {method} vs none{label}", "", ""] + gains,
+            [model, f"p-value {method} vs none{p_label}", "", ""] + p_cells]
 
 
 def labelled_table(entries, protocol):
