@@ -3,7 +3,8 @@
 It holds ``config.yaml``, ``inputs.json`` (the SHA-256 of the data files, artifact and table the run started on),
 the log (``<run id>.log``), ``status.json`` (running / stopped / failed / finished, with the last stage reached),
 ``run.lock`` while a process uses it, the checkpoints (``*.pth`` with their ``*.sha256``), ``train_state.pth``
-while it trains, ``results.json`` once finished, and ``tensorboard/`` when ``tensorboard: true``.
+while it trains, ``results.json`` and ``per_user.npz`` (every evaluated user's target rank per protocol) once
+finished, and ``tensorboard/`` when ``tensorboard: true``.
 
 The folder is made (and locked) when a run that trains starts, so the augmentation's log is in it too; a run that
 stops on bad input before anything of value was written removes the folder again (and the empty parents it
