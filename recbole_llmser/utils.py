@@ -36,9 +36,10 @@ def unique_stem(*parts: str) -> str:
 
 
 @contextmanager
-def atomic_file(path, mode: str = "w"):
+def atomic_file(path, mode: str = "w", before_replace=None, after_replace=None):
     """Open a temp file beside ``path`` for writing; on success it is fsync'd and renamed to ``path``, on any
-    error deleted: a reader never sees a half-written ``path``."""
+    error deleted: a reader never sees a half-written ``path``. ``before_replace(tmp)`` and ``after_replace()`` run
+    just before and just after the rename."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -48,7 +49,11 @@ def atomic_file(path, mode: str = "w"):
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file what open() would have
+        if before_replace is not None:
+            before_replace(tmp)
         os.replace(tmp, path)
+        if after_replace is not None:
+            after_replace()
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -127,25 +132,20 @@ def digest_problem(path, digest_dir=None):
 def atomic_file_with_digest(path, mode: str = "wb"):
     """:func:`atomic_file` that also records the new file's sha256 in ``<path>.sha256``. While the new file replaces
     the old one, the record lists both digests, so a process stopped at any point leaves ``path`` matching it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+    path, digests = Path(path), []
+
+    def record_both(tmp):
         digest = file_sha256(tmp)
         old = [d for d in recorded_digests(path) if d != digest][:1] if path.is_file() else []
-        _write_digests(path, [digest, *old])
-        os.replace(tmp, path)
-        if old:
-            _write_digests(path, [digest])
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        digests[:] = [digest, *old]
+        _write_digests(path, digests)
+
+    def keep_new():
+        if len(digests) > 1:
+            _write_digests(path, digests[:1])
+
+    with atomic_file(path, mode, record_both, keep_new) as f:
+        yield f
 
 
 def scrub_args(args, secret_keys) -> list:
