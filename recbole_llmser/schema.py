@@ -368,6 +368,15 @@ SECTIONS = (
           "(bool) A reused artifact whose users fell back because their LLM calls failed (5xx, 429, timeout, "
           "connection; listed in its summary.json) is rebuilt asking only those calls again (the rest come from the "
           "LLM cache); false: reuse it as is. Not part of the artifact's hash.", "resume"),
+        P("llm_shuffle_candidates", True, boolean,
+          "(bool) Show SNF's and ARV's candidates to the LLM in a per-user order seeded by seed and the user "
+          "(position-bias control), mapped back exactly; false: CCG's (ARV: the forward model's) order. Part of the "
+          "artifact's hash only when the LLM answers a stage; the offline and text-free backends ignore it.",
+          "recorded"),
+        P("llm_echo_warn_rate", 0.5, unit_interval,
+          "(float) Warn (one line naming llm_model) when more than this share of a stage's LLM answers repeat the "
+          "presented candidate order (echo: the LLM is not filtering); the rates are in the augmentation's "
+          "summary.json (llm_echo).", "no_results"),
     )),
     Section("TSLRec (tslrec/; method: tslrec or llmser+tslrec)", (
         "Stage 1 clusters the item embeddings of LLMSeR's forward helper model (ccg_* settings, training prefixes "

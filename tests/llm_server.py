@@ -12,10 +12,13 @@ Endpoints: ``POST /v1/chat/completions``, ``POST /v1/embeddings`` (deterministic
 bag-of-words vectors, 64 dimensions, as floats or base64 float32), ``GET /v1/models``.
 
 Chat answers: the candidates are read from the last user message (lines ``"12. title"``), the history from its
-bullet lines (``"- title"``). Candidates are ranked "smartly": most words shared with the history first, ties by
-number. The answer is ``{"items": [...]}`` (as many numbers as the prompt's "Choose exactly K" or the schema's
-``maxItems`` asks for) or ``{"item": n}`` when one item is asked for (schema property ``item`` or a prompt that
-shows ``{"item": ...}``).
+bullet lines (``"- title"``). ``answer_order`` says how candidates are ranked: ``"smart"`` (default: most words
+shared with the history first, ties by number), ``"echo"`` (the presented order, 1, 2, 3, ...: what small
+instruction-tuned models do) or ``"highest_number"`` (by the largest number in the title, highest first: a
+choice that depends on the items, not on where they are shown). The answer is ``{"items": [...]}`` (as many
+numbers as the prompt's "Choose exactly K" or the schema's ``maxItems`` asks for) or ``{"item": n}`` when one item
+is asked for (schema property ``item`` or a prompt that shows ``{"item": ...}``). ``fence=True`` wraps every
+answer in a ```json fence, as Qwen2.5 and many small models do.
 
 Failure injection, knobs in [0, 1] (share of chat requests): ``rate_429``, ``rate_500``, ``rate_timeout``
 (sleeps ``timeout_sleep`` seconds, longer than the client's timeout, before answering), ``rate_malformed``
@@ -29,7 +32,11 @@ number u in [0, 1) and the knobs, in this order, take consecutive slices of [0, 
 * ``"sticky"``: by a hash of the prompt, so the same prompt always meets the same fate (a permanent failure
   that outlives the client's retries).
 
-``reject_response_format`` answers 400 to any request carrying ``response_format``; ``force_status`` (e.g. 401)
+``reject_response_format`` answers 400 to any request carrying ``response_format``; ``reject_json_schema`` (an
+HTTP status, e.g. 500) answers requests whose ``response_format`` is ``json_schema`` with that status and a body
+naming ``response_format``, and accepts ``json_object`` and plain text, as llama-cpp-python's server does (HTTP
+500, no ``retry-after``); ``fail_first`` answers the first n chat requests with 503 (an outage that names nothing);
+``force_status`` (e.g. 401)
 answers every chat request with that HTTP error; ``include_usage=False`` leaves ``usage`` out. 429 and 500
 answers carry ``retry-after-ms`` (``retry_after_ms``) so clients retry fast. Every request is recorded
 (``records``: method, path, headers, body, fate).
@@ -100,6 +107,10 @@ class FakeLLMServer:
         self.timeout_sleep = 2.0
         self.retry_after_ms = 1
         self.reject_response_format = False
+        self.reject_json_schema = None
+        self.fail_first = 0
+        self.answer_order = "smart"
+        self.fence = False
         self.force_status = None
         self.include_usage = True
         self.records: list[Record] = []
@@ -176,6 +187,14 @@ class FakeLLMServer:
                 return kind
         return "ok"
 
+    def take_first_failure(self) -> bool:
+        """Whether this chat request is one of the first ``fail_first``."""
+        with self._lock:
+            if self.fail_first > 0:
+                self.fail_first -= 1
+                return True
+            return False
+
     def alternate(self, kind: str) -> int:
         with self._lock:
             self._alternate[kind] += 1
@@ -191,10 +210,20 @@ class FakeLLMServer:
             top = max(candidates, default=0)
             picks = [top + 3, top + 11] if self.alternate("hallucinate") else HALLUCINATED_TITLES
         else:
-            picks = _smart_order(candidates, HISTORY_LINE.findall(prompt))
+            picks = self.order(candidates, HISTORY_LINE.findall(prompt))
         if _wants_one(body, prompt):
-            return json.dumps({"item": picks[0] if picks else 1})
-        return json.dumps({"items": picks[: _want(body, prompt, len(picks))]})
+            text = json.dumps({"item": picks[0] if picks else 1})
+        else:
+            text = json.dumps({"items": picks[: _want(body, prompt, len(picks))]})
+        return f"```json\n{text}\n```" if self.fence else text
+
+    def order(self, candidates: dict, history: list) -> list:
+        """Candidate numbers, best first, by ``answer_order``."""
+        if self.answer_order == "echo":
+            return sorted(candidates)
+        if self.answer_order == "highest_number":
+            return sorted(candidates, key=lambda n: (-max(map(int, re.findall(r"\d+", candidates[n])), default=0), n))
+        return _smart_order(candidates, history)
 
     def chat_response(self, body: dict, text: str) -> dict:
         prompt_tokens = sum(count_tokens(str(m.get("content", ""))) + 3 for m in body.get("messages", []))
@@ -309,6 +338,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(400, {"error": {
                 "message": "response_format of type json_schema is not supported by this server",
                 "type": "invalid_request_error", "param": "response_format", "code": None}})
+        if app.take_first_failure():
+            rec.fate = "503"
+            return self._json(503, {"error": {"message": "Service unavailable", "type": "server_error"}})
+        if app.reject_json_schema and (body.get("response_format") or {}).get("type") == "json_schema":
+            rec.fate = "reject_json_schema"
+            return self._json(app.reject_json_schema, {"error": {
+                "message": "1 validation error for CreateChatCompletionRequest\nresponse_format.type\n  Input should "
+                           "be 'text' or 'json_object' [type=literal_error, input_value='json_schema', "
+                           "input_type=str]", "type": "internal_server_error", "param": None, "code": None}})
         if app.force_status:
             rec.fate = str(app.force_status)
             return self._json(app.force_status, {"error": {"message": f"forced HTTP {app.force_status}",

@@ -422,17 +422,18 @@ def test_settings_defaults_overrides_and_errors(monkeypatch):
 
 
 # ----- structured output ---------------------------------------------------------------------------------------
-def test_structured_output_falls_back_to_plain_text_once(server, cache_path, caplog):
+def test_structured_output_steps_down_to_plain_text_once(server, cache_path, caplog):
     caplog.set_level(logging.WARNING, logger="recbole_llmser")
-    server.reject_response_format = True
+    server.reject_response_format = True  # 400 for any response_format: json_schema, then json_object
     requests = snf_requests(6)
-    client = make_client(server, cache_path, concurrency=1)
+    client = make_client(server, cache_path, concurrency=4)
     results = client.run(requests)
     assert all(match_answer(r.text, candidate_titles(i), K).status == "ok" for i, r in enumerate(results))
     bodies = server.chat_bodies()
-    assert len(bodies) == 7 and "response_format" in bodies[0]
-    assert all("response_format" not in b for b in bodies[1:])
-    assert sum("response_format" in r.getMessage() for r in caplog.records) == 1
+    assert [b.get("response_format", {}).get("type") for b in bodies[:2]] == ["json_schema", "json_object"]
+    assert len(bodies) == 8 and all("response_format" not in b for b in bodies[2:])
+    assert sum("rejects response_format" in r.getMessage() for r in caplog.records) == 2  # one line per step
+    assert client.stats.output_mode == client.output_mode == "text" and client.stats.failures == {}
     # the answers are stored under the configured request's key: the same configuration re-runs for free
     server.reset()
     make_client(server, cache_path).run(requests)

@@ -12,6 +12,12 @@ single training item have nothing to mask: they get the mean w_u of the users th
 (:func:`fill_unverifiable`), and their record says so (``arv_status: "mean"``). A failed or unusable LLM answer
 falls back to the forward model's order.
 
+The LLM sees the candidates in a per-user shuffled order (``llm_shuffle_candidates``, ``presentation.py``); its
+number is mapped back to the forward model's candidates exactly. Answering the first candidate shown counts as an
+``echo`` (``arv_status`` counts, the summary's ``llm_echo``), but the pick is kept: one answer equals the first
+shown candidate by chance once in ``arv_num_candidates``, so a single answer is no evidence; only the echo rate over
+all users is (about 1/``arv_num_candidates`` from an LLM that reads the prompt, 1.0 from one that always answers 1).
+
 Ablation: ``arv_weight: <w>`` skips ARV and gives every user the same w (1.0 = no ARV); no LLM call.
 """
 
@@ -70,9 +76,9 @@ def run(ctx: StageContext, pseudo: dict) -> Verification:
                              bool(config["show_progress"])) if rows else np.zeros((0, n_arv), int)
     if ctx.client is not None and rows:
         requests = [request(ctx.user_token(users[row]), ctx.titles(ctx.history(users[row], drop_last=True)),
-                            ctx.titles(candidates[j]), n_arv) for j, row in enumerate(rows)]
-        picks = ask(ctx, "ARV", requests, [ctx.titles(c) for c in candidates], 1, 1, [users[row] for row in rows],
-                    fallback="ccg_order")
+                            ctx.titles(ctx.show("arv", users[row], candidates[j])), n_arv)
+                    for j, row in enumerate(rows)]
+        picks = ask(ctx, "ARV", requests, [users[row] for row in rows], 1, 1, fallback="ccg_order")
         picked = [p[0] for p in picks]
     elif ctx.backend == "offline":
         picked = [ctx.ranker.pick(ctx.vectors[ctx.history(users[row], drop_last=True)], ctx.vectors[candidates[j]])
@@ -103,5 +109,5 @@ def dry_run_requests(ctx: StageContext, ccg_candidates: np.ndarray) -> list:
         return []
     n_arv = int(ctx.config["arv_num_candidates"])
     return [request(ctx.user_token(i), ctx.titles(ctx.history(i, drop_last=True)),
-                    ctx.titles(ccg_candidates[row][:n_arv]), n_arv)
+                    ctx.titles(ctx.show("arv", i, ccg_candidates[row][:n_arv])), n_arv)
             for row, i in enumerate(ctx.rows) if len(ctx.prefixes[i]) >= 2]

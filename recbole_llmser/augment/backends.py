@@ -11,12 +11,14 @@ Backends, named in the log, the summary and every record (:func:`resolve_backend
 
 :func:`stage_context` gathers, once per run, what SNF and ARV both read (:class:`StageContext`): the selected users'
 training prefixes, item vectors and prompt titles, the LLM client or the offline ranker, and the per-user LLM
-bookkeeping (tokens, failed calls, answer statuses) that ends up in the records and the summary.
+bookkeeping (tokens, failed calls, answer statuses, the candidate order each prompt showed, echoed answers) that
+ends up in the records and the summary. Prompts show candidates in a per-user order (``presentation.py``,
+``llm_shuffle_candidates``); :func:`ask` maps the answer's presented positions back to candidates.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from logging import getLogger
 from pathlib import Path
 
@@ -28,6 +30,7 @@ from recbole_llmser.augment.llm_cache import ResponseCache
 from recbole_llmser.augment.llm_settings import settings_from_config
 from recbole_llmser.augment.matching import apply_fallback, match_answer
 from recbole_llmser.augment.offline_ranker import OfflineRanker
+from recbole_llmser.augment.presentation import Shown, echo_line, echo_rates, is_echo, show
 from recbole_llmser.augment.semantic import build_backend
 from recbole_llmser.augment.similarity import nearest
 from recbole_llmser.errors import LLMSeRError
@@ -50,6 +53,12 @@ def resolve_backend(config) -> str:
     if choice == "openai" and not configured:
         raise LLMSeRError("llm_backend=openai but no endpoint or key: set OPENAI_BASE_URL and/or OPENAI_API_KEY")
     return "llm" if configured else "offline"
+
+
+def asks_llm(config, backend: str) -> bool:
+    """Whether the LLM answers a stage of this run: the LLM backend, and SNF filters or ARV verifies (not both
+    replaced by an ablation)."""
+    return backend == "llm" and (config["snf_mode"] == "filter" or config["arv_weight"] is None)
 
 
 class Titles:
@@ -82,6 +91,8 @@ class StageContext:
     tokens: dict = field(default_factory=dict)  # user -> [prompt tokens, completion tokens, prompt hashes]
     failed: dict = field(default_factory=lambda: {stage: {} for stage in LLM_STAGES})  # stage -> {user: kind}
     status: dict = field(default_factory=lambda: {f"{stage}_status": {} for stage in LLM_STAGES})
+    shown: dict = field(default_factory=lambda: {stage: {} for stage in LLM_STAGES})  # stage -> {user: Shown}
+    answered: dict = field(default_factory=lambda: {stage: {} for stage in LLM_STAGES})  # stage -> {user: echo?}
 
     def item_token(self, item) -> str:
         return self.dataset.id2token(self.dataset.iid_field, int(item))
@@ -94,6 +105,14 @@ class StageContext:
         """The user's last ``snf_history_max`` training items (before the masked last one with ``drop_last``)."""
         prefix = self.prefixes[user][:-1] if drop_last else self.prefixes[user]
         return prefix[-int(self.config["snf_history_max"]):]
+
+    def show(self, stage: str, user, candidates) -> list:
+        """The items of ``candidates`` (user index ``user``'s row, in the stage's own order) in the order its
+        ``stage`` prompt shows them (:func:`~recbole_llmser.augment.presentation.show`); remembered for mapping the
+        answer back and for the record."""
+        shown = show(self.config, stage, self.user_token(user), candidates)
+        self.shown[stage][user] = shown
+        return shown.items
 
 
 def stage_context(config, dataset, backend, users, prefixes, rows, forward, root: Path) -> StageContext:
@@ -108,7 +127,7 @@ def stage_context(config, dataset, backend, users, prefixes, rows, forward, root
     snf_mode, const_w = config["snf_mode"], config["arv_weight"]
     if snf_mode != "filter" or const_w is not None:
         getLogger().info(f"augmentation ablation: snf_mode={snf_mode}, arv_weight={const_w}")
-    client = llm_client(config, root) if backend == "llm" and (snf_mode == "filter" or const_w is None) else None
+    client = llm_client(config, root) if asks_llm(config, backend) else None
     titles = Titles(prompt_titles(dataset, texts, int(config["title_max_chars"]))) if texts is not None else None
     ranker = OfflineRanker.from_config(config) if backend == "offline" else None
     return StageContext(config, dataset, backend, users, prefixes, rows, forward, vectors, matcher, titles, client,
@@ -140,14 +159,20 @@ def _model_vectors(model):
     return table.weight.detach().cpu().numpy()
 
 
-def ask(ctx: StageContext, stage: str, requests, cand_titles, want: int, keep: int, users, fallback=None) -> list:
-    """Ask the LLM (``stage``: "SNF" or "ARV"); map each answer onto its candidates (never outside them); apply the
-    fallback policy (``fallback``, else ``snf_fallback``). Returns per request the picked candidate indices, or None
-    (skipped by the policy).
+def ask(ctx: StageContext, stage: str, requests, users, want: int, keep: int, fallback=None) -> list:
+    """Ask the LLM (``stage``: "SNF" or "ARV") the ``requests`` of user indices ``users``, whose prompts showed
+    ``ctx.shown[stage][user]`` (:meth:`StageContext.show`); map each answer onto those candidates (never outside
+    them) and back from presented positions to candidate indices; apply the fallback policy (``fallback``, else
+    ``snf_fallback``). Returns per request the picked candidate indices, or None (skipped by the policy).
 
-    Adds each call's tokens and prompt hash to ``ctx.tokens[user]``, and the error kind of each call that failed
-    (:attr:`~recbole_llmser.augment.llm.LLMResult.retryable`) to ``ctx.failed[stage][user]``."""
-    status, failed = ctx.status[f"{stage.lower()}_status"], ctx.failed[stage.lower()]
+    An echo (:func:`~recbole_llmser.augment.presentation.is_echo`) is counted as the status ``echo``; when two or
+    more picks were asked for (SNF), it is unusable like a malformed answer and the fallback decides (see
+    ``snf.py``), while a single echoed pick (ARV) is kept (see ``arv.py``). Adds each call's tokens and prompt hash
+    to ``ctx.tokens[user]``, whether its answer was an echo to ``ctx.answered[stage][user]``, and the error kind of
+    each call that failed (:attr:`~recbole_llmser.augment.llm.LLMResult.retryable`) to ``ctx.failed[stage][user]``;
+    logs the stage's echo rate."""
+    name = stage.lower()
+    status, failed, answered = ctx.status[f"{name}_status"], ctx.failed[name], ctx.answered[name]
     try:
         results = ctx.client.run(requests, desc=stage)
     except BudgetExceeded as err:
@@ -157,19 +182,32 @@ def ask(ctx: StageContext, stage: str, requests, cand_titles, want: int, keep: i
         ) from None
     policy = fallback or ctx.config["snf_fallback"]
     picks = []
-    for request, result, titles, user in zip(requests, results, cand_titles, users):
+    for request, result, user in zip(requests, results, users):
         used = ctx.tokens.setdefault(user, [0, 0, []])
         used[0] += result.prompt_tokens or 0
         used[1] += result.completion_tokens or 0
         used[2].append(ctx.client.key(request)[:16])
+        shown = ctx.shown[name][user]
         if result.ok:
-            match = match_answer(result.text, titles, want, semantic=ctx.matcher)
+            match = _presented_match(ctx, result.text, shown, want)
+            answered[user] = match.status == "echo"
         else:
-            match = match_answer("", titles, want)
+            match = match_answer("", ctx.titles(shown.items), want)
             status[f"error:{result.error_kind}"] = status.get(f"error:{result.error_kind}", 0) + 1
             if result.retryable:
                 failed[user] = result.error_kind
         status[match.status] = status.get(match.status, 0) + 1
-        filled = apply_fallback(match, len(titles), keep, policy)
+        filled = apply_fallback(match, len(shown.items), keep, policy)
         picks.append(None if filled is None else list(filled.indices))
+    if answered:
+        getLogger().info(echo_line(stage, echo_rates({name: answered})[name]))
     return picks
+
+
+def _presented_match(ctx: StageContext, text: str, shown: Shown, want: int):
+    """The answer matched onto the presented candidates, its picks mapped back to candidate indices; an echo gets
+    the status "echo" (and, when ``want`` >= 2, no picks: the fallback fills them)."""
+    match = match_answer(text, ctx.titles(shown.items), want, semantic=ctx.matcher)
+    if is_echo(match.indices, want):
+        match = replace(match, status="echo", indices=[] if want >= 2 else match.indices)
+    return replace(match, indices=shown.to_candidates(match.indices))

@@ -12,9 +12,24 @@ fails becomes a result with ``text=None`` and ``error_kind``: ``rate_limit`` (42
 unreadable body), ``timeout``, ``connection``, ``bad_request`` (other 4xx), ``empty`` (no choices or no text);
 ``error`` is one line with the key masked. One bad call never stops the run, except errors no later call can
 get past (401, 403, 404: wrong key, no access, unknown model or route): then no further call starts, the calls
-in flight finish and are cached, and ``run`` raises :class:`LLMSeRError`. A 400 that mentions
-``response_format``/``json_schema`` switches the run to plain text (logged once) and the call is made again
-without it (a different request, not a retry).
+in flight finish and are cached, and ``run`` raises :class:`LLMSeRError`.
+
+Structured output
+=================
+The output mode (:data:`OUTPUT_MODES`) is decided once per client, i.e. per run, and kept for all its calls,
+concurrent ones included. With ``llm_structured_output`` the first call with a schema *probes*: it sends
+``response_format`` ``json_schema`` while the other calls wait, and it is made without the client's retries, so a
+server that answers json_schema with a 5xx costs one request, not 1 + ``llm_max_retries`` with back-off (a probe
+that fails for another reason, e.g. a 503 or a timeout, is made again with the retries left: 1 +
+``llm_max_retries`` attempts in all, as for any call). ANY error whose message or body names ``response_format``
+or ``json_schema``, whatever its status (OpenAI and vLLM answer 400; llama-cpp-python's server, which accepts only
+``text`` and ``json_object``, answers 500), steps the run down one mode, logged once per step, however many calls
+in flight met it: ``json_object`` (``response_format={"type": "json_object"}``, the schema described at the end of
+the prompt), then plain ``text``; the call is made again in the new mode (a different request, not a retry). When
+the probe is over the calls go concurrently in the mode reached. The log's summary lines name the mode the
+answers came in and ``LLMStats.output_mode`` (the summary's ``llm.output_mode``) records it (None: no call of this
+run was answered; ``text`` from the start without ``llm_structured_output``). Answers are cached under the
+configured request's key whatever the mode, so the same configuration re-runs from the cache.
 
 A user whose SNF or ARV call failed falls back (``snf_fallback``; CCG order for ARV). The kinds in
 :data:`RETRYABLE_ERROR_KINDS` (``rate_limit``, ``server``, ``timeout``, ``connection``: the endpoint or the
@@ -61,8 +76,8 @@ from recbole_llmser.augment.llm_tokens import DryRunEstimate, TokenCounter
 from recbole_llmser.errors import LLMSeRError
 
 __all__ = [
-    "ERROR_KINDS", "RETRYABLE_ERROR_KINDS", "HTTP_LOGGERS", "PLACEHOLDER_API_KEY", "LLMRequest", "LLMResult",
-    "LLMStats", "BudgetExceeded", "LLMClient", "quiet_http_logs",
+    "ERROR_KINDS", "RETRYABLE_ERROR_KINDS", "OUTPUT_MODES", "HTTP_LOGGERS", "PLACEHOLDER_API_KEY", "LLMRequest",
+    "LLMResult", "LLMStats", "BudgetExceeded", "LLMClient", "quiet_http_logs",
     # from llm_settings.py, llm_cache.py, llm_tokens.py
     "LLMSettings", "settings_from_config", "ResponseCache", "request_key", "TokenCounter", "DryRunEstimate",
 ]
@@ -73,6 +88,9 @@ log = logging.getLogger(__name__)
 ERROR_KINDS = ("rate_limit", "server", "timeout", "connection", "bad_request", "empty")
 #: Failures of the endpoint or the network, not of the request or the answer: a later run asks them again.
 RETRYABLE_ERROR_KINDS = ("rate_limit", "server", "timeout", "connection")
+
+#: Structured-output modes, most constrained first: a run steps down one when the endpoint rejects its mode.
+OUTPUT_MODES = ("json_schema", "json_object", "text")
 
 #: Loggers that write one INFO line per HTTP request or retry (httpx2: openai 3.x's transport; httpx: older).
 HTTP_LOGGERS = ("httpx", "httpx2", "httpcore", "httpcore2", "openai")
@@ -137,6 +155,7 @@ class LLMStats:
     failures: dict = field(default_factory=dict)  # error kind -> count
     not_started: int = 0  # calls not started because the budget was spent (or the run had to stop)
     wall_time: float = 0.0  # seconds inside run()
+    output_mode: str | None = None  # the structured-output mode answers came in (None: no call answered yet)
 
     @property
     def total_tokens(self) -> int:
@@ -192,8 +211,17 @@ class LLMClient:
         self.cache = cache
         self.progress = progress
         self.stats = LLMStats()
-        self._structured = settings.structured_output
+        self._mode = OUTPUT_MODES[0] if settings.structured_output else "text"  # see "Structured output"
+        self._probed = not settings.structured_output  # whether the first call with a schema has been made
+        if self._probed:
+            self.stats.output_mode = self._mode
+        self._probe_lock: asyncio.Lock | None = None
         self._fatal: str | None = None
+
+    @property
+    def output_mode(self) -> str:
+        """The structured-output mode calls are made in now (see the module doc)."""
+        return self._mode
 
     @cached_property
     def token_counter(self) -> TokenCounter:
@@ -292,14 +320,15 @@ class LLMClient:
 
     async def _call_all(self, misses: dict, answered: dict, desc: str) -> None:
         semaphore = asyncio.Semaphore(self.settings.concurrency)
+        self._probe_lock = asyncio.Lock()  # bound to this run's event loop
         bar = tqdm(total=len(misses), desc=desc, unit="call", disable=not self.progress)
 
         async def one(client: openai.AsyncOpenAI, key: str, request: LLMRequest) -> None:
             async with semaphore:
-                if self._must_stop():
-                    self.stats.not_started += 1
-                    return
-                result = await self._call(client, request)
+                result = await self._start(client, request)
+            if result is None:
+                self.stats.not_started += 1
+                return
             self._record(key, result)
             answered[key] = result
             bar.update(1)
@@ -322,35 +351,64 @@ class LLMClient:
         budget = self.settings.budget_tokens
         return self._fatal is not None or (budget is not None and self.stats.total_tokens >= budget)
 
-    async def _call(self, client: openai.AsyncOpenAI, request: LLMRequest) -> LLMResult:
-        structured = bool(self._structured and request.schema)
+    async def _start(self, client: openai.AsyncOpenAI, request: LLMRequest) -> LLMResult | None:
+        """The request's call, or None when it must not start (budget spent, fatal error). Until the first call
+        with a schema (the probe) is over, the other calls with a schema wait for it."""
+        if request.schema and not self._probed:
+            async with self._probe_lock:
+                if not self._probed:
+                    if self._must_stop():
+                        return None
+                    try:
+                        return await self._call(client, request, probe=True)
+                    finally:
+                        self._probed = True
+        return None if self._must_stop() else await self._call(client, request)
+
+    async def _call(self, client: openai.AsyncOpenAI, request: LLMRequest, probe: bool = False) -> LLMResult:
+        """One call in the current output mode. ``probe``: without the client's retries (see the module doc)."""
+        mode = self._mode if request.schema else "text"
+        sender = client.with_options(max_retries=0) if probe else client
         try:
-            response = await client.chat.completions.create(**self._create_args(request, structured))
-        except openai.BadRequestError as err:
-            if structured and _rejects_response_format(err):
-                self._disable_structured()
-                return await self._call(client, request)
-            return self._failure(request, "bad_request", err)
-        except _FATAL_ERRORS as err:
-            self._fatal = self._fatal or _one_line(err, self.settings.api_key)
-            return self._failure(request, "bad_request", err)
+            response = await sender.chat.completions.create(**self._create_args(request, mode))
         except (openai.OpenAIError, json.JSONDecodeError) as err:
+            if mode != "text" and _rejects_response_format(err):
+                self._step_down(mode, err)
+                return await self._call(client, request, probe=probe)
+            if isinstance(err, _FATAL_ERRORS):
+                self._fatal = self._fatal or _one_line(err, self.settings.api_key)
+                return self._failure(request, "bad_request", err)
+            retries = self.settings.max_retries
+            if probe and retries and _client_retries(err):
+                return await self._call(client.with_options(max_retries=retries - 1), request)
             return self._failure(request, _error_kind(err), err)
+        if request.schema and self.stats.output_mode != mode:
+            self.stats.output_mode = mode
+            log.info("LLM output mode: %s (the endpoint answers in it)", mode)
         return self._success(request, response)
 
-    def _create_args(self, request: LLMRequest, structured: bool) -> dict:
+    def _create_args(self, request: LLMRequest, mode: str) -> dict:
         s = self.settings
         args = {"model": s.model, "messages": request.messages, "temperature": s.temperature,
                 "max_tokens": s.max_tokens, "seed": s.seed}
-        if structured:
+        if mode == "json_schema":
             args["response_format"] = {"type": "json_schema", "json_schema": request.schema}
+        elif mode == "json_object":
+            args["response_format"] = {"type": "json_object"}
+            args["messages"] = _with_schema(request.messages, request.schema)
         return args
 
-    def _disable_structured(self) -> None:
-        if self._structured:
-            self._structured = False
-            log.warning("the LLM endpoint rejects response_format (structured output); asking for plain-text "
-                        "answers for the rest of this run (set llm_structured_output: false to skip the attempt)")
+    def _step_down(self, mode: str, err: Exception) -> None:
+        """The endpoint rejected ``mode``: the run asks in the next mode from now on (once per step, however many
+        calls were rejected)."""
+        if self._mode != mode:
+            return
+        self._mode = OUTPUT_MODES[OUTPUT_MODES.index(mode) + 1]
+        how = ("json_object, with the schema described in the prompt" if self._mode == "json_object"
+               else "plain-text answers")
+        log.warning("the LLM endpoint rejects response_format %s (%s); asking for %s for the rest of this run "
+                    "(llm_structured_output: false skips structured output)", mode,
+                    _one_line(err, self.settings.api_key, 160), how)
 
     def _success(self, request: LLMRequest, response) -> LLMResult:
         choices = getattr(response, "choices", None) or []
@@ -385,9 +443,10 @@ class LLMClient:
             if r is not None and not r.ok:
                 failed[r.error_kind] = failed.get(r.error_kind, 0) + 1
         level = logging.WARNING if failed else logging.INFO
-        log.log(level, "%s: %d request(s), %d from the cache, %d failed %s; client total %d call(s), %d tokens",
-                desc, len(results), sum(bool(r and r.cached) for r in results), sum(failed.values()), failed,
-                self.stats.calls, self.stats.total_tokens)
+        log.log(level, "%s: %d request(s), %d from the cache, %d failed %s; output mode %s; client total %d "
+                "call(s), %d tokens", desc, len(results), sum(bool(r and r.cached) for r in results),
+                sum(failed.values()), failed, self.stats.output_mode or "undecided (no call)", self.stats.calls,
+                self.stats.total_tokens)
 
     def _raise_if_stopped(self, results: list) -> None:
         not_started = sum(r is None for r in results)
@@ -399,9 +458,29 @@ class LLMClient:
                                  sum(r is not None and not r.cached for r in results), not_started, results)
 
 
-def _rejects_response_format(err: openai.BadRequestError) -> bool:
+def _rejects_response_format(err: Exception) -> bool:
+    """Whether an error answer (any HTTP status) names ``response_format`` or ``json_schema``."""
+    if not isinstance(err, openai.APIStatusError):
+        return False
     text = f"{err.message} {err.body}".lower()
     return "response_format" in text or "json_schema" in text
+
+
+def _client_retries(err: Exception) -> bool:
+    """Whether the openai client retries this error itself (timeouts, connection errors, 408, 409, 429, 5xx)."""
+    if isinstance(err, openai.APIConnectionError):  # APITimeoutError included
+        return True
+    return isinstance(err, openai.APIStatusError) and (err.status_code in (408, 409, 429) or err.status_code >= 500)
+
+
+def _with_schema(messages: list, schema: dict) -> list:
+    """``messages`` with the answer's JSON schema described at the end of the last user message (json_object
+    mode: the server enforces JSON, the prompt says which)."""
+    described = json.dumps(schema.get("schema", schema), separators=(",", ":"))
+    out = [dict(m) for m in messages]
+    last = max((i for i, m in enumerate(out) if m.get("role") == "user"), default=len(out) - 1)
+    out[last]["content"] = f"{out[last].get('content', '')}\n\nThe JSON object must match this JSON schema: {described}"
+    return out
 
 
 def _error_kind(err: Exception) -> str:

@@ -7,9 +7,9 @@ call it already paid for. The key is a sha256 over the model, the messages, the 
 (temperature, max_tokens, seed, structured-output flag and schema) and the prompt template version; never the
 API key or the endpoint. Failed calls are not cached (a re-run makes them again; see "Failures" in ``llm.py``
 for artifacts built while calls failed); answers that later prove malformed or refusals are (they are what the
-model said). When the server rejects structured output, the
-plain-text answers are stored under the configured request's key, so re-running the same configuration makes
-no call.
+model said). When the server rejects structured output (``json_schema``), the answers
+it gives in the mode the run steps down to (``json_object``, then plain text; see ``llm.py``) are stored under the
+configured request's key, so re-running the same configuration makes no call.
 """
 
 from __future__ import annotations

@@ -19,8 +19,9 @@ key                        default         meaning
                                            errors, with its exponential backoff); we add no retry loop
 ``llm_concurrency``        ``8``           calls in flight at once
 ``llm_structured_output``  ``true``        send ``response_format={"type": "json_schema", ...}`` with the
-                                           request's schema; falls back to plain text for the rest of the
-                                           run when the server rejects it; ``false``: plain text
+                                           request's schema; a server that rejects it (any error naming
+                                           response_format) gets ``json_object``, then plain text, for the
+                                           rest of the run (``llm.py``); ``false``: plain text
 ``llm_price_prompt``       ``0.15``        USD per 1M prompt tokens (dry-run cost)
 ``llm_price_completion``   ``0.60``        USD per 1M completion tokens
 ``llm_budget_tokens``      ``~``           prompt + completion tokens this client may spend on real calls

@@ -2,7 +2,9 @@
 
 The answer is untrusted text. :func:`match_answer` reads it in this order:
 
-1. **JSON** (``{"items": [...]}``, ``{"item": n}``, a bare list, also inside ``` fences or surrounding prose);
+1. **JSON** (``{"items": [...]}``, ``{"item": n}``, a bare list, also inside ``` fences or surrounding prose;
+   numbers may be strings, ``"3"``); JSON cut short (``{"items": [3, 1, 2`` at the token limit, an unclosed fence)
+   or not quite JSON (a trailing comma, single quotes) gives the numbers and quoted strings of its pick list;
    otherwise the **text**: numbered lines ("3. Title", "3) Title"), bullet lines, quoted titles and bare numbers
    ("3, 7 and 12").
 2. Each pick is a candidate **number** (1-based, as shown in the prompt) and/or a **title**. A title is matched
@@ -27,6 +29,8 @@ from dataclasses import dataclass, replace
 
 from recbole_llmser.errors import LLMSeRError
 
+#: Statuses of :func:`match_answer`. The LLM stages add "echo" for an answer that repeats the presented order
+#: (``presentation.py``).
 STATUSES = ("ok", "partial", "refusal", "malformed", "hallucinated")
 FALLBACK_POLICIES = ("skip", "ccg_order")
 
@@ -47,6 +51,9 @@ BULLET_LINE = re.compile(r"^\s*[-*•]\s+(.+)$")
 QUOTED = re.compile(r'"([^"\n]{2,})"|“([^”\n]{2,})”')
 BARE_NUMBER = re.compile(r"(?<![\w.])(\d+)(?!\w|\.\d)")
 ONLY_NUMBER = re.compile(r"^\s*#?\s*(\d+)\s*[.,;]?\s*$")
+#: A pick key and what follows it, in JSON that does not parse (cut short, trailing comma, single quotes).
+PICK_VALUE = re.compile(r"""["'](%s)["']\s*:\s*(\[[^\]}]*|[^,}\]\s]+)""" % "|".join(PICK_KEYS), re.IGNORECASE)
+LIST_ELEMENT = re.compile(r"""\s*(?:"([^"]*)"|'([^']*)'|(-?\d+(?:\.0+)?))\s*$""")
 _SPACE = re.compile(r"\s+")
 _EDGE_PUNCT = " \t\"'`“”‘’*_.,;:!?()[]{}<>-–—"
 
@@ -129,7 +136,26 @@ def _answer_picks(text: str) -> list:
             continue
         if picks:
             return picks
-    return _picks_from_text(text)
+    return _broken_json_picks(text) or _picks_from_text(text)
+
+
+def _broken_json_picks(text: str) -> list:
+    """The numbers and quoted strings of the first pick list in JSON that does not parse (``{"items": [3, 1, 2``
+    cut at the token limit; ``[3, 1,]``; single quotes). Other elements (objects cut short, ``...``) are left out."""
+    match = PICK_VALUE.search(text)
+    if match is None:
+        return []
+    value = match.group(2).lstrip("[")
+    picks = []
+    for element in value.split(","):
+        parsed = LIST_ELEMENT.match(element)
+        if parsed is None:
+            continue
+        string = parsed.group(1) if parsed.group(1) is not None else parsed.group(2)
+        pick = _json_pick(string if string is not None else float(parsed.group(3)))
+        if pick is not None:
+            picks.append(pick)
+    return picks
 
 
 def _json_picks(value) -> list:

@@ -14,6 +14,14 @@ Outputs, under ``<checkpoint_dir>/<dataset>/augment/``:
 
 Backends (``llm``, ``offline``, ``model``; see ``backends.py``) are named in the log, the summary and every record.
 
+The folder hash covers the artifact settings (:data:`~recbole_llmser.schema.AUG_KEYS`), the backend and the data,
+plus :data:`~recbole_llmser.augment.presentation.LLM_AUG_KEYS` (``llm_shuffle_candidates``) when the LLM answers a
+stage (:func:`artifact_settings`): the offline and text-free backends show no prompt, so their folders (and
+artifacts) are the same whatever that property says. Records of the LLM backend add ``presented`` (per stage, the
+candidates in the order the prompt showed them; None where the stage did not ask the LLM) and ``llm_echo`` (the
+stages whose answer repeated that order); its summary adds ``llm_echo`` (per stage: answers, echoes, rate) and the
+structured-output mode its calls used (``llm.output_mode``).
+
 Failed LLM calls: a user whose SNF or ARV call failed (the endpoint or the network, see
 :data:`~recbole_llmser.augment.llm.RETRYABLE_ERROR_KINDS`) falls back (``snf_fallback``; CCG order for ARV), is
 listed in the summary's ``llm_failed`` and, when it has a record, names the stages in the record's
@@ -40,8 +48,9 @@ from logging import getLogger
 from pathlib import Path
 
 from recbole_llmser.augment import arv, ccg, snf
-from recbole_llmser.augment.backends import LLM_STAGES, StageContext, resolve_backend, stage_context
+from recbole_llmser.augment.backends import LLM_STAGES, StageContext, asks_llm, resolve_backend, stage_context
 from recbole_llmser.augment.llm import RETRYABLE_ERROR_KINDS, quiet_http_logs
+from recbole_llmser.augment.presentation import LLM_AUG_KEYS, echo_rates, warn_if_echoing
 from recbole_llmser.augment.prompts import ARV_TEMPLATE_VERSION, SNF_TEMPLATE_VERSION
 from recbole_llmser.schema import AUG_KEYS
 from recbole_llmser.sequences import dataset_prefixes
@@ -51,9 +60,16 @@ ARTIFACT = "artifact.jsonl"
 SUMMARY = "summary.json"
 
 
+def artifact_settings(config, backend: str) -> dict:
+    """The settings that identify an artifact: the AUG_KEYS, and the LLM_AUG_KEYS when the LLM answers a stage."""
+    keys = AUG_KEYS + (LLM_AUG_KEYS if asks_llm(config, backend) else ())
+    return {k: config[k] for k in keys}
+
+
 def augmentation_dir(config, backend: str, sequences) -> Path:
-    """``<checkpoint_dir>/<dataset>/augment/<hash of the AUG_KEYS, the backend and the data>``."""
-    digest = content_hash({k: str(config[k]) for k in AUG_KEYS}, sequences, backend.encode())
+    """``<checkpoint_dir>/<dataset>/augment/<hash of the artifact settings, the backend and the data>``."""
+    settings = {k: str(v) for k, v in artifact_settings(config, backend).items()}
+    digest = content_hash(settings, sequences, backend.encode())
     return Path(config["checkpoint_dir"]).resolve() / config["dataset"] / "augment" / digest[:16]
 
 
@@ -174,8 +190,20 @@ def _records(ctx: StageContext, candidates, picks, pseudo: dict, verification: a
             backend=ctx.backend, llm_model=_llm_model(ctx), text=config["item_text_field"] or "none",
             arv_status="verified" if row in predicted else ("mean" if config["arv_weight"] is None else "constant"),
             tokens=ctx.tokens.get(i), llm_failed=[stage for stage in LLM_STAGES if i in ctx.failed[stage]],
+            llm=_llm_fields(ctx, i),
         ), ensure_ascii=False))
     return lines
+
+
+def _llm_fields(ctx: StageContext, user) -> dict | None:
+    """What only a record of the LLM backend holds: the candidates as each prompt showed them, and the stages whose
+    answer echoed that order (None for the other backends, whose records are unchanged)."""
+    if ctx.backend != "llm":
+        return None
+    presented = {stage: [ctx.item_token(x) for x in ctx.shown[stage][user].items] if user in ctx.shown[stage]
+                 else None for stage in LLM_STAGES}
+    return {"presented": presented,
+            "llm_echo": [stage for stage in LLM_STAGES if ctx.answered[stage].get(user)] or None}
 
 
 def _llm_model(ctx: StageContext):
@@ -183,7 +211,7 @@ def _llm_model(ctx: StageContext):
 
 
 def _record(user, pseudo, cands, snf_order, masked, predicted, w, w_tilde, backend, llm_model, text, arv_status,
-            tokens, llm_failed):
+            tokens, llm_failed, llm=None):
     return {
         "user_id": user, "pseudo_items": pseudo,
         "ccg_rank": [cands.index(p) + 1 if p in cands else None for p in pseudo],
@@ -194,6 +222,7 @@ def _record(user, pseudo, cands, snf_order, masked, predicted, w, w_tilde, backe
         "tokens": {"prompt": tokens[0], "completion": tokens[1]} if tokens else None,
         "prompt_hashes": tokens[2] if tokens else None,
         "llm_failed": llm_failed or None,
+        **(llm or {}),
     }
 
 
@@ -209,11 +238,14 @@ def _write_summary(ctx: StageContext, out_dir, augmented: int, verification, rea
         "llm_failed": {stage: {ctx.user_token(i): kind for i, kind in sorted(failed.items())}
                        for stage, failed in ctx.failed.items()},
         "llm_reasked_users": reasked,
+        "llm_echo": echo_rates(ctx.answered) if ctx.client else None,
         "timings_s": {k: round(v, 2) for k, v in timings.items()}, "artifact": str(artifact),
-        "settings": {k: config[k] for k in AUG_KEYS},
+        "settings": artifact_settings(config, ctx.backend),
     }
     atomic_write_json(out_dir / SUMMARY, summary)
     logger = getLogger()
+    if ctx.client:
+        warn_if_echoing(summary["llm_echo"], ctx.client.settings.model, config["llm_echo_warn_rate"], logger)
     logger.info(f"augmentation: {augmented} users augmented (backend {ctx.backend}); artifact {artifact}, "
                 f"summary {out_dir / SUMMARY}")
     n_failed = len(set(ctx.failed["snf"]) | set(ctx.failed["arv"]))

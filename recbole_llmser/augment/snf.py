@@ -8,6 +8,19 @@ stores ``pseudo_items`` in sequence order: ``reversed(top M)``. (CCG's reverse m
 the best guess for that position is the one right before s1.) An answer that names no usable candidate falls back
 (``snf_fallback``: ``skip`` the user, or ``ccg_order``).
 
+The LLM sees the candidates in a per-user shuffled order (``llm_shuffle_candidates``, ``presentation.py``); its
+numbers are mapped back to CCG's candidates exactly, and the fallback fills in CCG's order, never the shown one.
+
+**An echoed answer falls back like an unusable one.** An answer that repeats the presented order (all of it or its
+first k, in order: ``echo``, counted in ``snf_status`` and the summary's ``llm_echo``) is not kept as the picks:
+``snf_fallback`` decides, as for a malformed answer. Reason: an echo carries no judgement of the LLM. With
+shuffling on it is the user's random presentation order, so keeping it would make P_u a random draw from the K
+candidates, throwing away CCG's ranking; with shuffling off it is CCG's order, which is what ``ccg_order`` gives
+anyway. Falling back thus gives the same P_u whichever order was shown, never one that depends on the shuffle's
+seed, and says openly (status, summary, the warning above ``llm_echo_warn_rate``) that the LLM did not filter.
+With ``snf_num_picks: 1`` a single echoed pick is kept, as in ARV: one pick equals the first shown candidate by
+chance once in K.
+
 Ablations: ``snf_mode: ccg_top`` keeps CCG's top M candidates without any filtering; ``snf_mode: random`` prepends
 M items drawn uniformly from the catalogue instead (:func:`random_pseudo_items`). Neither calls the LLM.
 """
@@ -64,9 +77,9 @@ def llm_requests(ctx: StageContext, candidates: np.ndarray) -> list:
     k, n_candidates = int(ctx.config["snf_num_picks"]), int(ctx.config["ccg_num_candidates"])
     return [
         LLMRequest(id=f"snf:{ctx.user_token(i)}", template_version=SNF_TEMPLATE_VERSION,
-                   messages=snf_messages(ctx.titles(ctx.history(i)), ctx.titles(candidates[row]), k),
+                   messages=snf_messages(ctx.titles(ctx.history(i)), ctx.titles(shown), k),
                    schema=snf_schema(k, n_candidates), expected_completion_tokens=expected_answer_tokens(k))
-        for row, i in enumerate(ctx.rows)
+        for row, i in enumerate(ctx.rows) for shown in [ctx.show("snf", i, candidates[row])]
     ]
 
 
@@ -79,7 +92,7 @@ def run(ctx: StageContext, candidates: np.ndarray, requests: list) -> tuple:
     if config["snf_mode"] != "filter":  # ablations: CCG's own order, or random items in place of the candidates
         picks = [list(range(int(config["ccg_num_candidates"]))) for _ in rows]
     elif ctx.client is not None:
-        picks = ask(ctx, "SNF", requests, [ctx.titles(c) for c in candidates], k, m, rows)
+        picks = ask(ctx, "SNF", requests, rows, k, m)
     elif ctx.backend == "offline":
         picks = [ctx.ranker.rank(ctx.vectors[ctx.history(i)], ctx.vectors[candidates[row]], k)
                  for row, i in enumerate(rows)]
