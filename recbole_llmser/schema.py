@@ -357,7 +357,8 @@ SECTIONS = (
           "(int) The openai client's own retries (429, 5xx, timeouts, connection errors).", "no_results"),
         P("llm_concurrency", 8, None, "(int) Calls in flight at once.", "no_results"),
         P("llm_structured_output", True, None,
-          "(bool) Send response_format json_schema; falls back to plain text (once) if the server rejects it.",
+          "(bool) Send response_format json_schema; a server that rejects it (an error naming response_format, any "
+          "status) steps the run down once to json_object, then to plain text.",
           "artifact"),
         P("llm_price_prompt", 0.15, None, "(float) USD per 1M prompt tokens (dry-run cost)."),
         P("llm_price_completion", 0.60, None, "(float) USD per 1M completion tokens."),
