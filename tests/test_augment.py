@@ -49,7 +49,7 @@ def test_offline_backend(tiny_data, tmp_cwd):
     _check_records(records, sequences, 8)
     assert summary["backend"] == "offline" and all(r["backend"] == "offline" for r in records)
     assert summary["augmented_users"] == len(sequences)
-    assert set(summary["timings_s"]) == {"ccg", "snf", "arv", "total"}
+    assert set(summary["timings_s"]) == {"ccg", "item_vectors", "snf", "arv", "total"}
     # the same configuration reuses the artifact; the helper models are reused by name
     again, _, _ = _augment(data)
     assert again == path

@@ -101,8 +101,11 @@ def _run_augmentation(config, dataset, dry_run):
     candidates = ccg.run(config, dataset, users, prefixes, rows, out_dir.parent / "models")
     timings["ccg"] = time.monotonic() - t
 
-    t = time.monotonic()
+    t = time.monotonic()  # item texts and their vectors (the offline stand-in's embeddings), the LLM client
     ctx = stage_context(config, dataset, backend, users, prefixes, rows, candidates.forward, out_dir.parent)
+    timings["item_vectors"] = time.monotonic() - t
+
+    t = time.monotonic()
     requests = snf.llm_requests(ctx, candidates.items)
     if dry_run:
         return _dry_run(ctx, requests, candidates.items)
