@@ -185,7 +185,7 @@ def tensorboard_writer(folder):
 
 @contextmanager
 def quiet_transformers_loading():
-    """Silence transformers while TSLRec loads a model (recbole_llmser/tslrec/lm.py), then restore its settings.
+    """Silence transformers while a model loads (TSLRec's LM, the MiniLM text encoder), then restore its settings.
 
     transformers >= 5 prints a load-report table for every checkpoint key it does not use, which is every
     ``lm_head`` weight when ``AutoModel`` loads the base model of a ``*ForCausalLM`` checkpoint (expected: TSLRec

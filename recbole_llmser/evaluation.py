@@ -137,7 +137,7 @@ def split_rows(model, eval_data, dataset, config, show_progress=False) -> SplitR
     of ``eval_protocols``. ``dataset`` is our :class:`recbole_llmser.data.dataset.SequentialDataset` (per-user
     lengths and items)."""
     import torch
-    from tqdm import tqdm
+    from recbole_llmser.progress import progress
 
     split = eval_data._dataset
     protocols = list(config["eval_protocols"])
@@ -152,7 +152,7 @@ def split_rows(model, eval_data, dataset, config, show_progress=False) -> SplitR
     batch = int(config["eval_batch_size"])
     starts = range(0, len(split), batch)
     with torch.no_grad():
-        for start in tqdm(starts, desc="Evaluate", disable=not show_progress, ncols=100):
+        for start in progress(starts, "evaluate", show_progress, unit="batches"):
             inter = split.inter_feat[start:start + batch].to(device)
             users = inter[dataset.uid_field].cpu().numpy()
             users_all.append(users)

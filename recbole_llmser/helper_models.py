@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 import torch
 from recbole.data.interaction import Interaction
-from tqdm import tqdm
 
 from recbole_llmser.compat import load_checkpoint
+from recbole_llmser.progress import progress
 from recbole_llmser.registry import get_model
 from recbole_llmser.schema import HELPER_KEYS
 from recbole_llmser.utils import content_hash, digest_problem, record_digest
@@ -155,7 +155,7 @@ def batch_scores(model, histories, batch_size: int, desc: str = "", show_progres
     (left-truncated to the model's max length), ``scores`` of shape (batch, n_items)."""
     device = next(model.parameters()).device
     starts = range(0, len(histories), batch_size)
-    for start in tqdm(starts, desc=desc, ncols=100, disable=not show_progress or len(starts) < 2):
+    for start in progress(starts, desc or "scoring", show_progress, unit="batches", min_total=2):
         batch = histories[start:start + batch_size]
         inter = to_interaction(batch, model.max_seq_length, model.ITEM_SEQ, model.ITEM_SEQ_LEN).to(device)
         yield start, model.full_sort_predict(inter).view(len(batch), -1)

@@ -30,6 +30,7 @@ from recbole_llmser.dct import (
 )
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.methods import uses_llmser
+from recbole_llmser.progress import HeartbeatLoader, duration
 from recbole_llmser.utils import atomic_file_with_digest, digest_problem, unique_stem
 
 #: Format tag of the training-state file (``train_state.pth``) a resumable run writes after every validated epoch.
@@ -50,20 +51,10 @@ def kept_epoch(valid_curve, cur_step: int):
 def epoch_estimate(seconds: float, epochs_left: int, early_stopping: bool) -> str:
     """One log line: the first epoch's time and what the remaining epochs may take at that pace."""
     if epochs_left <= 0:
-        return f"first epoch took {_duration(seconds)}"
-    rest = f"{epochs_left} more epochs take about {_duration(seconds * epochs_left)} at this pace"
-    return f"first epoch took {_duration(seconds)}; " + (f"at most {rest} (early stopping may end sooner)"
+        return f"first epoch took {duration(seconds)}"
+    rest = f"{epochs_left} more epochs take about {duration(seconds * epochs_left)} at this pace"
+    return f"first epoch took {duration(seconds)}; " + (f"at most {rest} (early stopping may end sooner)"
                                                          if early_stopping else rest)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.0f} min"
-    if seconds < 48 * 3600:
-        return f"{seconds / 3600:.1f} h"
-    return f"{seconds / 86400:.1f} days"
 
 
 class SequentialTrainer(Trainer):
@@ -210,6 +201,8 @@ class SequentialTrainer(Trainer):
         if loss_func is None and is_bert4rec(self.model):
             loss_func = self._bert4rec_loss
         start = time.monotonic()
+        if not show_progress:  # no bar: heartbeat lines in the log instead
+            train_data = HeartbeatLoader(train_data, f"train epoch {epoch_idx}")
         loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
         if not self._estimated:  # the first epoch this process trains: say how long the rest may take
             self._estimated = True

@@ -68,12 +68,12 @@ from dataclasses import dataclass, field, fields, replace
 from functools import cached_property
 
 import openai
-from tqdm import tqdm
 
 from recbole_llmser.augment.llm_cache import ResponseCache, request_key
 from recbole_llmser.augment.llm_settings import LLMSettings, settings_from_config
 from recbole_llmser.augment.llm_tokens import DryRunEstimate, TokenCounter
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.progress import Progress
 
 __all__ = [
     "ERROR_KINDS", "RETRYABLE_ERROR_KINDS", "OUTPUT_MODES", "HTTP_LOGGERS", "PLACEHOLDER_API_KEY", "LLMRequest",
@@ -203,7 +203,7 @@ class LLMClient:
     Args:
         settings: see :func:`settings_from_config`.
         cache: the :class:`ResponseCache` to read and append to.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (else heartbeat lines in the log: recbole_llmser.progress).
     """
 
     def __init__(self, settings: LLMSettings, cache: ResponseCache, progress: bool = True):
@@ -321,7 +321,7 @@ class LLMClient:
     async def _call_all(self, misses: dict, answered: dict, desc: str) -> None:
         semaphore = asyncio.Semaphore(self.settings.concurrency)
         self._probe_lock = asyncio.Lock()  # bound to this run's event loop
-        bar = tqdm(total=len(misses), desc=desc, unit="call", disable=not self.progress)
+        bar = Progress(len(misses), desc, self.progress, unit="calls")
 
         async def one(client: openai.AsyncOpenAI, key: str, request: LLMRequest) -> None:
             async with semaphore:

@@ -47,6 +47,7 @@ import numpy as np
 
 from recbole_llmser.augment.similarity import clean_texts, l2_normalize, texts_sha256
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -103,16 +104,6 @@ def _folder_fingerprint(path: Path) -> str:
         st = f.stat()
         h.update(f"{f.relative_to(path).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
-
-
-def _progress(total: int, desc: str, enabled: bool, min_total: int):
-    if not enabled or total < min_total:
-        return None
-    try:
-        from tqdm import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with recbole
-        return None
-    return tqdm(total=total, desc=desc, unit="text", leave=False)
 
 
 # ----- backends ---------------------------------------------------------------------------------------------
@@ -174,7 +165,7 @@ class SemanticBackend:
             return np.zeros((len(texts), self.dim or 0), dtype=np.float32)
         todo = [texts[i] for i in keep]
         step = self._chunk_size()
-        bar = _progress(len(todo), f"{self.name} embeddings", self.show_progress, min_total=2 * step)
+        bar = Progress(len(todo), f"{self.name} embeddings", self.show_progress, unit="texts", min_total=2 * step)
         parts = []
         try:
             for start in range(0, len(todo), step):
@@ -188,11 +179,9 @@ class SemanticBackend:
                 self.calls += 1
                 self.n_encoded += len(chunk)
                 parts.append(vecs)
-                if bar is not None:
-                    bar.update(len(chunk))
+                bar.update(len(chunk))
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         dense = l2_normalize(np.concatenate(parts, axis=0))
         self._dim = dense.shape[1]
         if len(keep) == len(texts):
@@ -237,7 +226,10 @@ class SentenceTransformerBackend(SemanticBackend):
             try:
                 from sentence_transformers import SentenceTransformer
 
-                self._model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
+                from recbole_llmser.compat import quiet_transformers_loading
+
+                with quiet_transformers_loading():  # no "Loading weights" bar or load report past show_progress
+                    self._model = SentenceTransformer(str(self.path), device=self.device, local_files_only=True)
             except LLMSeRError:
                 raise
             except Exception as err:  # noqa: BLE001 - any load failure is the user's model folder or install
