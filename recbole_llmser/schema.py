@@ -285,9 +285,12 @@ SECTIONS = (
           "artifact recorded"),
         P("aug_max_len", None, optional_positive_int,
           "(int) Augment only users with at most this many training items; ~: all users.", "artifact"),
-        P("snf_mode", "filter", choice("filter", "ccg_top", "random"),
+        P("snf_mode", "filter", choice("filter", "ccg_top", "random", "cooccurrence", "llm_only"),
           "(str) filter: the LLM (or offline stand-in) picks k of the K candidates (the method). Ablations: ccg_top: "
-          "CCG's top M, no filtering (ASReP-like); random: M catalogue items drawn uniformly.", "artifact"),
+          "CCG's top M, no filtering (ASReP-like); random: M catalogue items drawn uniformly. Baselines, no CCG "
+          "(augment/baselines.py): cooccurrence: the M items most often directly before the user's first item in "
+          "other users' training prefixes; llm_only: the LLM (or stand-in) picks from the K catalogue items most "
+          "similar to the history (text-free: the forward model's top K).", "artifact"),
         P("arv_weight", None, number_in(0, 1, optional=True),
           "(float) ~: ARV measures w_u per user (the method). Ablation: every user gets this w (1.0 = no ARV).",
           "artifact"),

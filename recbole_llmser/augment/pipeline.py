@@ -35,6 +35,14 @@ reverse-model augmentation); ``snf_mode: random`` prepends M items drawn uniform
 ``arv_weight: <w>`` skips ARV and gives every user the same w (1.0 = no ARV). Neither calls the LLM for the
 stage it replaces.
 
+Baselines (``baselines.py``): ``snf_mode: cooccurrence`` (the most frequent direct predecessors of the user's first
+training item in other users' training prefixes) and ``snf_mode: llm_only`` (the LLM, or the run's stand-in, picks
+from a catalogue-wide pool by text similarity, no CCG) replace CCG as the source of P_u. Only the forward helper is
+trained (ARV's, reused like CCG's); SNF, ARV, the records and DCT are the same. Their records say where P_u came
+from (``pseudo_source``, ``source_rank``: ranks in the baseline's candidate list) and carry ``ccg_rank: null``; their
+summary adds ``pseudo_source``; ``timings_s.ccg`` then holds the forward helper alone. ``llm_only`` on the LLM
+backend asks the LLM for SNF even with ``arv_weight`` set (:func:`asks_llm`).
+
 Leakage: everything here is computed from training prefixes (the sequence minus its validation and test items,
 :func:`~recbole_llmser.sequences.training_prefixes`); prompts show only training items' titles in their
 history part.
@@ -47,8 +55,9 @@ import time
 from logging import getLogger
 from pathlib import Path
 
-from recbole_llmser.augment import arv, ccg, snf
-from recbole_llmser.augment.backends import LLM_STAGES, StageContext, asks_llm, resolve_backend, stage_context
+from recbole_llmser.augment import arv, baselines, ccg, snf
+from recbole_llmser.augment.backends import LLM_STAGES, StageContext, llm_client, resolve_backend, stage_context
+from recbole_llmser.augment.backends import asks_llm as stage_asks_llm
 from recbole_llmser.augment.llm import RETRYABLE_ERROR_KINDS, quiet_http_logs
 from recbole_llmser.augment.presentation import LLM_AUG_KEYS, echo_rates, warn_if_echoing
 from recbole_llmser.augment.prompts import ARV_TEMPLATE_VERSION, SNF_TEMPLATE_VERSION
@@ -58,6 +67,12 @@ from recbole_llmser.utils import atomic_write_json, atomic_write_text, content_h
 
 ARTIFACT = "artifact.jsonl"
 SUMMARY = "summary.json"
+
+
+def asks_llm(config, backend: str) -> bool:
+    """Whether the LLM answers a stage of this run: :func:`~recbole_llmser.augment.backends.asks_llm`, or SNF of
+    the ``llm_only`` baseline on the LLM backend."""
+    return stage_asks_llm(config, backend) or baselines.asks_llm(config, backend)
 
 
 def artifact_settings(config, backend: str) -> dict:
@@ -98,7 +113,12 @@ def _run_augmentation(config, dataset, dry_run):
     timings = {}
 
     t = time.monotonic()
-    candidates = ccg.run(config, dataset, users, prefixes, rows, out_dir.parent / "models")
+    baseline = config["snf_mode"] in baselines.BASELINES
+    if baseline:  # no CCG: the forward helper alone (ARV's; the text-free pool's)
+        forward = baselines.forward_helper(config, dataset, users, prefixes, out_dir.parent / "models")
+        candidates = ccg.Candidates(forward, None)
+    else:
+        candidates = ccg.run(config, dataset, users, prefixes, rows, out_dir.parent / "models")
     timings["ccg"] = time.monotonic() - t
 
     t = time.monotonic()  # item texts and their vectors (the offline stand-in's embeddings), the LLM client
@@ -106,10 +126,11 @@ def _run_augmentation(config, dataset, dry_run):
     timings["item_vectors"] = time.monotonic() - t
 
     t = time.monotonic()
-    requests = snf.llm_requests(ctx, candidates.items)
+    items, source = _baseline_candidates(ctx, out_dir.parent) if baseline else (candidates.items, None)
+    requests = snf.llm_requests(ctx, items)
     if dry_run:
-        return _dry_run(ctx, requests, candidates.items)
-    picks, pseudo = snf.run(ctx, candidates.items, requests)
+        return _dry_run(ctx, requests, items)
+    picks, pseudo = snf.run(ctx, items, requests)
     timings["snf"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -117,12 +138,29 @@ def _run_augmentation(config, dataset, dry_run):
     timings["arv"] = time.monotonic() - t
 
     artifact = out_dir / ARTIFACT
-    lines = _records(ctx, candidates.items, picks, pseudo, verification)
+    lines = _records(ctx, items, picks, pseudo, verification, source)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(artifact, "\n".join(lines) + ("\n" if lines else ""))
     timings["total"] = time.monotonic() - start
-    _write_summary(ctx, out_dir, len(pseudo), verification, reasked, timings)
+    _write_summary(ctx, out_dir, len(pseudo), verification, reasked, timings, source)
     return artifact
+
+
+def _baseline_candidates(ctx: StageContext, root) -> tuple:
+    """``(items, source)`` of a baseline (:func:`~recbole_llmser.augment.baselines.candidates`); the selected rows
+    whose candidate list is empty (their prefix holds every training item) are left un-augmented. ``llm_only`` on
+    the LLM backend gets its client here when ``arv_weight`` kept ``stage_context`` from making one."""
+    if ctx.client is None and asks_llm(ctx.config, ctx.backend):
+        ctx.client = llm_client(ctx.config, root)
+    items, source = baselines.candidates(ctx)
+    keep = [row for row, found in enumerate(items) if len(found)]
+    source["users_without_candidates"] = len(items) - len(keep)
+    if len(keep) < len(items):
+        getLogger().info(f"augmentation: {len(items) - len(keep)} selected user(s) have no {source['kind']} "
+                         "candidate outside their own prefix; left un-augmented")
+        ctx.rows = [ctx.rows[row] for row in keep]
+        items = [items[row] for row in keep]
+    return items, source
 
 
 def _reuse_or_reask(config, backend, out_dir) -> tuple:
@@ -173,8 +211,8 @@ def _dry_run(ctx: StageContext, snf_requests, ccg_candidates) -> None:
     return None
 
 
-def _records(ctx: StageContext, candidates, picks, pseudo: dict, verification: arv.Verification) -> list:
-    """One JSON line per augmented row of ``pseudo``."""
+def _records(ctx: StageContext, candidates, picks, pseudo: dict, verification: arv.Verification, source=None) -> list:
+    """One JSON line per augmented row of ``pseudo`` (``source``: a baseline's, see :func:`_record`)."""
     config, tok = ctx.config, ctx.item_token
     beta, threshold = float(config["aug_decay_beta"]), int(config["aug_decay_threshold"])
     m = int(config["aug_num_pseudo"])
@@ -193,7 +231,7 @@ def _records(ctx: StageContext, candidates, picks, pseudo: dict, verification: a
             backend=ctx.backend, llm_model=_llm_model(ctx), text=config["item_text_field"] or "none",
             arv_status="verified" if row in predicted else ("mean" if config["arv_weight"] is None else "constant"),
             tokens=ctx.tokens.get(i), llm_failed=[stage for stage in LLM_STAGES if i in ctx.failed[stage]],
-            llm=_llm_fields(ctx, i),
+            llm=_llm_fields(ctx, i), source=source and source["kind"],
         ), ensure_ascii=False))
     return lines
 
@@ -214,10 +252,14 @@ def _llm_model(ctx: StageContext):
 
 
 def _record(user, pseudo, cands, snf_order, masked, predicted, w, w_tilde, backend, llm_model, text, arv_status,
-            tokens, llm_failed, llm=None):
+            tokens, llm_failed, llm=None, source=None):
+    """One artifact record. ``cands`` are CCG's candidates, or with ``source`` (a baseline: "cooccurrence",
+    "text_pool", "forward_pool") the baseline's: then ``ccg_rank`` is None (no CCG ran) and ``pseudo_source`` and
+    ``source_rank`` (1-based ranks in that list) come last, so the other modes' records are unchanged."""
+    ranks = [cands.index(p) + 1 if p in cands else None for p in pseudo]
     return {
         "user_id": user, "pseudo_items": pseudo,
-        "ccg_rank": [cands.index(p) + 1 if p in cands else None for p in pseudo],
+        "ccg_rank": None if source else ranks,
         "snf_order": snf_order, "masked_item": masked, "predicted_item": predicted,
         "w": round(float(w), 6), "w_tilde": round(float(w_tilde), 6), "arv_status": arv_status,
         "backend": backend, "llm_model": llm_model, "text": text,
@@ -226,10 +268,11 @@ def _record(user, pseudo, cands, snf_order, masked, predicted, w, w_tilde, backe
         "prompt_hashes": tokens[2] if tokens else None,
         "llm_failed": llm_failed or None,
         **(llm or {}),
+        **({"pseudo_source": source, "source_rank": ranks} if source else {}),
     }
 
 
-def _write_summary(ctx: StageContext, out_dir, augmented: int, verification, reasked, timings) -> None:
+def _write_summary(ctx: StageContext, out_dir, augmented: int, verification, reasked, timings, source=None) -> None:
     config, artifact = ctx.config, out_dir / ARTIFACT
     summary = {
         "dataset": config["dataset"], "backend": ctx.backend, "text": config["item_text_field"] or "none",
@@ -244,6 +287,7 @@ def _write_summary(ctx: StageContext, out_dir, augmented: int, verification, rea
         "llm_echo": echo_rates(ctx.answered) if ctx.client else None,
         "timings_s": {k: round(v, 2) for k, v in timings.items()}, "artifact": str(artifact),
         "settings": artifact_settings(config, ctx.backend),
+        **({"pseudo_source": source} if source else {}),
     }
     atomic_write_json(out_dir / SUMMARY, summary)
     logger = getLogger()

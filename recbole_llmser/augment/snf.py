@@ -23,6 +23,10 @@ chance once in K.
 
 Ablations: ``snf_mode: ccg_top`` keeps CCG's top M candidates without any filtering; ``snf_mode: random`` prepends
 M items drawn uniformly from the catalogue instead (:func:`random_pseudo_items`). Neither calls the LLM.
+
+Baselines (``baselines.py``) hand this stage other candidates in place of CCG's: ``cooccurrence`` (the most frequent
+direct predecessors of s1, kept in their own order like ``ccg_top``; no LLM) and ``llm_only`` (a catalogue-wide
+pool by text similarity, from which the backend picks exactly as for ``filter``: :data:`PICKING_MODES`).
 """
 
 from __future__ import annotations
@@ -33,6 +37,10 @@ from recbole_llmser.augment.backends import StageContext, ask
 from recbole_llmser.augment.llm import LLMRequest
 from recbole_llmser.augment.prompts import SNF_TEMPLATE_VERSION, expected_answer_tokens, snf_messages, snf_schema
 from recbole_llmser.helper_models import batch_scores
+
+#: The ``snf_mode`` values in which the backend (LLM, offline stand-in, forward model) picks among the candidates;
+#: the others keep the candidates' own order (``ccg_top``, ``cooccurrence``) or replace them (``random``).
+PICKING_MODES = ("filter", "llm_only")
 
 
 # ----- the method's maths (pure) ----------------------------------------------------------------------------
@@ -70,15 +78,15 @@ def random_pseudo_items(n_items: int, prefixes, m: int, seed: int) -> list:
 
 # ----- the stage --------------------------------------------------------------------------------------------
 def llm_requests(ctx: StageContext, candidates: np.ndarray) -> list:
-    """One LLM request per selected user (``candidates``: CCG's, one row per selected user); none when SNF does not
-    ask the LLM (another backend, or an ablation)."""
-    if ctx.client is None or ctx.config["snf_mode"] != "filter":
+    """One LLM request per selected user (``candidates``: CCG's or a baseline's pool, one row per selected user);
+    none when SNF does not ask the LLM (another backend, or a mode that does not pick)."""
+    if ctx.client is None or ctx.config["snf_mode"] not in PICKING_MODES:
         return []
-    k, n_candidates = int(ctx.config["snf_num_picks"]), int(ctx.config["ccg_num_candidates"])
-    return [
+    k = int(ctx.config["snf_num_picks"])
+    return [  # CCG always gives K candidates; a baseline's pool may hold fewer
         LLMRequest(id=f"snf:{ctx.user_token(i)}", template_version=SNF_TEMPLATE_VERSION,
                    messages=snf_messages(ctx.titles(ctx.history(i)), ctx.titles(shown), k),
-                   schema=snf_schema(k, n_candidates), expected_completion_tokens=expected_answer_tokens(k))
+                   schema=snf_schema(k, len(shown)), expected_completion_tokens=expected_answer_tokens(k))
         for row, i in enumerate(ctx.rows) for shown in [ctx.show("snf", i, candidates[row])]
     ]
 
@@ -89,8 +97,8 @@ def run(ctx: StageContext, candidates: np.ndarray, requests: list) -> tuple:
     config = ctx.config
     k, m = int(config["snf_num_picks"]), int(config["aug_num_pseudo"])
     rows = ctx.rows
-    if config["snf_mode"] != "filter":  # ablations: CCG's own order, or random items in place of the candidates
-        picks = [list(range(int(config["ccg_num_candidates"]))) for _ in rows]
+    if config["snf_mode"] not in PICKING_MODES:  # the candidates' own order, or random items in their place
+        picks = [list(range(len(candidates[row]))) for row in range(len(rows))]
     elif ctx.client is not None:
         picks = ask(ctx, "SNF", requests, rows, k, m)
     elif ctx.backend == "offline":
