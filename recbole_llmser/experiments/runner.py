@@ -28,7 +28,7 @@ RESULT_KEYS = ("best_valid_score", "best_valid_result", "best_epoch", "epochs_tr
                "finished_earlier", "valid_curve", "valid", "test", "run_dir", "aug_file")
 #: Fields of the augmentation's ``summary.json`` kept in the record's ``aug``.
 AUG_KEYS = ("backend", "text", "llm_model", "timings_s", "llm", "users", "augmented_users", "skipped_users",
-            "verified_users", "mean_w", "snf_status", "arv_status")
+            "verified_users", "mean_w", "snf_status", "arv_status", "llm_echo")
 
 
 @functools.lru_cache(maxsize=1)
