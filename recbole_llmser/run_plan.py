@@ -32,6 +32,8 @@ def _backend_phrase(config) -> str:
     backend = resolve_backend(config)
     return {"llm": f"the LLM {config['llm_model']} (an OpenAI-compatible endpoint; answers are cached)",
             "offline": "the offline embedding stand-in (no endpoint configured)",
+            "lm_score": f"the local LM {config['lm_score_model']} ranking candidates by title likelihood (lm_score: "
+                        "nothing generated; scores are cached)",
             "model": "the forward helper model (no item text)"}[backend]
 
 

@@ -6,14 +6,19 @@ Backends, named in the log, the summary and every record (:func:`resolve_backend
   requests, maps each answer onto its candidates (never outside them) and applies the fallback policy;
 * ``offline``: no endpoint configured (or ``llm_backend: offline``): the documented stand-in
   :class:`~recbole_llmser.augment.offline_ranker.OfflineRanker` ranks candidates by text similarity to the history;
+* ``lm_score`` (``llm_backend: lm_score``): a local causal LM (``lm_score_model``) ranks the candidates of the very
+  requests the LLM would get by the likelihood of their titles after the history
+  (:class:`~recbole_llmser.augment.lm_score.LMScoreClient`); it answers through :func:`ask` like the LLM, so SNF
+  and ARV treat both alike; nothing is generated, so no answer counts as an echo;
 * ``model``: the dataset has no item text (``text: none``): the forward helper model ranks and picks, and its item
   embeddings stand in for the text vectors.
 
 :func:`stage_context` gathers, once per run, what SNF and ARV both read (:class:`StageContext`): the selected users'
-training prefixes, item vectors and prompt titles, the LLM client or the offline ranker, and the per-user LLM
-bookkeeping (tokens, failed calls, answer statuses, the candidate order each prompt showed, echoed answers) that
-ends up in the records and the summary. Prompts show candidates in a per-user order (``presentation.py``,
-``llm_shuffle_candidates``); :func:`ask` maps the answer's presented positions back to candidates.
+training prefixes, item vectors and prompt titles, the LLM client (or the LM-score client) or the offline ranker,
+and the per-user LLM bookkeeping (tokens, failed calls, answer statuses, the candidate order each prompt showed,
+echoed answers) that ends up in the records and the summary. Prompts show candidates in a per-user order
+(``presentation.py``, ``llm_shuffle_candidates``); :func:`ask` maps the answer's presented positions back to
+candidates.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from recbole_llmser.augment.embedding_cache import item_embeddings
 from recbole_llmser.augment.llm import BudgetExceeded, LLMClient
 from recbole_llmser.augment.llm_cache import ResponseCache
 from recbole_llmser.augment.llm_settings import settings_from_config
+from recbole_llmser.augment.lm_score import BACKEND as LM_SCORE, identity as lm_identity, lm_score_client
 from recbole_llmser.augment.matching import apply_fallback, match_answer
 from recbole_llmser.augment.offline_ranker import OfflineRanker
 from recbole_llmser.augment.presentation import Shown, echo_line, echo_rates, is_echo, show
@@ -41,14 +47,14 @@ LLM_STAGES = ("snf", "arv")
 
 
 def resolve_backend(config) -> str:
-    """'llm', 'offline' or 'model' (no item text), from ``llm_backend`` and the configured endpoint."""
+    """'llm', 'offline', 'lm_score' or 'model' (no item text), from ``llm_backend`` and the configured endpoint."""
     if not config["item_text_field"]:
         return "model"
     choice = config["llm_backend"] or "auto"
-    if choice not in ("auto", "openai", "offline"):
-        raise LLMSeRError(f"property 'llm_backend' = {choice!r}: expected auto, openai or offline")
-    if choice == "offline":
-        return "offline"
+    if choice not in ("auto", "openai", "offline", LM_SCORE):
+        raise LLMSeRError(f"property 'llm_backend' = {choice!r}: expected auto, openai, offline or {LM_SCORE}")
+    if choice in ("offline", LM_SCORE):
+        return choice
     configured = settings_from_config(config).configured
     if choice == "openai" and not configured:
         raise LLMSeRError("llm_backend=openai but no endpoint or key: set OPENAI_BASE_URL and/or OPENAI_API_KEY")
@@ -59,6 +65,33 @@ def asks_llm(config, backend: str) -> bool:
     """Whether the LLM answers a stage of this run: the LLM backend, and SNF filters or ARV verifies (not both
     replaced by an ablation)."""
     return backend == "llm" and (config["snf_mode"] == "filter" or config["arv_weight"] is None)
+
+
+#: SNF modes in which the backend picks among candidates (``snf.PICKING_MODES``; repeated here: snf imports this).
+PICKING_MODES = ("filter", "llm_only")
+
+
+def _answered(config) -> bool:
+    """Whether SNF picks (``filter``, ``llm_only``) or ARV verifies: a stage the LM-score client answers."""
+    return config["snf_mode"] in PICKING_MODES or config["arv_weight"] is None
+
+
+def backend_settings(config, backend: str) -> dict:
+    """What an artifact depends on beyond the common settings, per backend: for ``lm_score``, when it answers a
+    stage, the LM (name, file fingerprint, dtype, token cut) and the scoring version
+    (:func:`~recbole_llmser.augment.lm_score.identity`); nothing for the other backends, whose folder hashes stay
+    as they are."""
+    return lm_identity(config) if backend == LM_SCORE and _answered(config) else {}
+
+
+def model_name(ctx) -> str | None:
+    """The model that answered SNF and ARV, for the log, the summary and the records: ``llm_model`` for the LLM,
+    the LM's label for ``lm_score``, None for the offline and text-free backends."""
+    if ctx.backend == "llm":
+        return ctx.config["llm_model"]
+    if ctx.backend == LM_SCORE:
+        return ctx.client.settings.model if ctx.client is not None else lm_identity(ctx.config)["lm_score_model"]
+    return None
 
 
 class Titles:
@@ -86,7 +119,7 @@ class StageContext:
     vectors: np.ndarray  # per item id: text vector, or the forward model's item embedding (backend "model")
     matcher: object = None  # answers quoting titles -> candidate indices (text backends)
     titles: Titles | None = None
-    client: LLMClient | None = None
+    client: LLMClient | None = None  # or the LM-score client (backend lm_score)
     ranker: OfflineRanker | None = None
     tokens: dict = field(default_factory=dict)  # user -> [prompt tokens, completion tokens, prompt hashes]
     failed: dict = field(default_factory=lambda: {stage: {} for stage in LLM_STAGES})  # stage -> {user: kind}
@@ -117,7 +150,8 @@ class StageContext:
 
 def stage_context(config, dataset, backend, users, prefixes, rows, forward, root: Path) -> StageContext:
     """Item vectors (embedded once per dataset and semantic backend, under ``root/embeddings``), prompt titles, the
-    LLM client (cache ``root/llm_cache.jsonl``; only when a stage asks the LLM) or the offline ranker."""
+    LLM client (cache ``root/llm_cache.jsonl``; only when a stage asks the LLM), the LM-score client (cache
+    ``root/lm_score_cache.jsonl``; only when a stage is answered) or the offline ranker."""
     texts = item_texts(dataset, config["item_text_field"]) if backend != "model" else None
     matcher = None
     if texts is not None:
@@ -128,6 +162,11 @@ def stage_context(config, dataset, backend, users, prefixes, rows, forward, root
     if snf_mode != "filter" or const_w is not None:
         getLogger().info(f"augmentation ablation: snf_mode={snf_mode}, arv_weight={const_w}")
     client = llm_client(config, root) if asks_llm(config, backend) else None
+    if backend == LM_SCORE and _answered(config):
+        client = lm_score_client(config, root)
+        getLogger().info(f"augmentation: SNF and ARV candidates ranked by {client.settings.model} (lm_score: "
+                         "length-normalised title log-likelihood after the history; scores cached in "
+                         f"{client.cache.path})")
     titles = Titles(prompt_titles(dataset, texts, int(config["title_max_chars"]))) if texts is not None else None
     ranker = OfflineRanker.from_config(config) if backend == "offline" else None
     return StageContext(config, dataset, backend, users, prefixes, rows, forward, vectors, matcher, titles, client,
@@ -165,7 +204,8 @@ def ask(ctx: StageContext, stage: str, requests, users, want: int, keep: int, fa
     them) and back from presented positions to candidate indices; apply the fallback policy (``fallback``, else
     ``snf_fallback``). Returns per request the picked candidate indices, or None (skipped by the policy).
 
-    An echo (:func:`~recbole_llmser.augment.presentation.is_echo`) is counted as the status ``echo``; when two or
+    An echo (:func:`~recbole_llmser.augment.presentation.is_echo`) of a client that generates its answers (the
+    LM-score client does not: ``generates = False``) is counted as the status ``echo``; when two or
     more picks were asked for (SNF), it is unusable like a malformed answer and the fallback decides (see
     ``snf.py``), while a single echoed pick (ARV) is kept (see ``arv.py``). Adds each call's tokens and prompt hash
     to ``ctx.tokens[user]``, whether its answer was an echo to ``ctx.answered[stage][user]``, and the error kind of
@@ -181,6 +221,7 @@ def ask(ctx: StageContext, stage: str, requests, users, want: int, keep: int, fa
             f"and cached); re-run with a larger --llm_budget_tokens to resume"
         ) from None
     policy = fallback or ctx.config["snf_fallback"]
+    generates = getattr(ctx.client, "generates", True)
     picks = []
     for request, result, user in zip(requests, results, users):
         used = ctx.tokens.setdefault(user, [0, 0, []])
@@ -189,8 +230,9 @@ def ask(ctx: StageContext, stage: str, requests, users, want: int, keep: int, fa
         used[2].append(ctx.client.key(request)[:16])
         shown = ctx.shown[name][user]
         if result.ok:
-            match = _presented_match(ctx, result.text, shown, want)
-            answered[user] = match.status == "echo"
+            match = _presented_match(ctx, result.text, shown, want, generates)
+            if generates:
+                answered[user] = match.status == "echo"
         else:
             match = match_answer("", ctx.titles(shown.items), want)
             status[f"error:{result.error_kind}"] = status.get(f"error:{result.error_kind}", 0) + 1
@@ -204,10 +246,10 @@ def ask(ctx: StageContext, stage: str, requests, users, want: int, keep: int, fa
     return picks
 
 
-def _presented_match(ctx: StageContext, text: str, shown: Shown, want: int):
-    """The answer matched onto the presented candidates, its picks mapped back to candidate indices; an echo gets
-    the status "echo" (and, when ``want`` >= 2, no picks: the fallback fills them)."""
+def _presented_match(ctx: StageContext, text: str, shown: Shown, want: int, generates: bool = True):
+    """The answer matched onto the presented candidates, its picks mapped back to candidate indices; an echo of a
+    generated answer gets the status "echo" (and, when ``want`` >= 2, no picks: the fallback fills them)."""
     match = match_answer(text, ctx.titles(shown.items), want, semantic=ctx.matcher)
-    if is_echo(match.indices, want):
+    if generates and is_echo(match.indices, want):
         match = replace(match, status="echo", indices=[] if want >= 2 else match.indices)
     return replace(match, indices=shown.to_candidates(match.indices))

