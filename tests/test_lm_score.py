@@ -221,8 +221,6 @@ def test_plan_and_dry_run_load_no_lm(tiny_data, lm_dir, tmp_cwd, monkeypatch, ca
                for line in plan_lines(config))
 
 
-@pytest.mark.xfail(strict=True, reason="needs the pipeline.py hook: artifact_settings adds "
-                   "backends.backend_settings(config, backend) and _llm_model returns backends.model_name(ctx)")
 def test_the_folder_and_records_name_the_lm(tiny_data, lm_dir, tmp_cwd, tmp_path):
     from recbole_llmser.config import Config
 

@@ -56,7 +56,8 @@ from logging import getLogger
 from pathlib import Path
 
 from recbole_llmser.augment import arv, baselines, ccg, snf
-from recbole_llmser.augment.backends import LLM_STAGES, StageContext, llm_client, resolve_backend, stage_context
+from recbole_llmser.augment.backends import LLM_STAGES, StageContext, backend_settings, llm_client, model_name
+from recbole_llmser.augment.backends import resolve_backend, stage_context
 from recbole_llmser.augment.backends import asks_llm as stage_asks_llm
 from recbole_llmser.augment.llm import RETRYABLE_ERROR_KINDS, quiet_http_logs
 from recbole_llmser.augment.presentation import LLM_AUG_KEYS, echo_rates, warn_if_echoing
@@ -76,9 +77,11 @@ def asks_llm(config, backend: str) -> bool:
 
 
 def artifact_settings(config, backend: str) -> dict:
-    """The settings that identify an artifact: the AUG_KEYS, and the LLM_AUG_KEYS when the LLM answers a stage."""
+    """The settings that identify an artifact: the AUG_KEYS, the LLM_AUG_KEYS when the LLM answers a stage, and the
+    backend's own (:func:`~recbole_llmser.augment.backends.backend_settings`: the LM of ``lm_score``; nothing for
+    the other backends)."""
     keys = AUG_KEYS + (LLM_AUG_KEYS if asks_llm(config, backend) else ())
-    return {k: config[k] for k in keys}
+    return {**{k: config[k] for k in keys}, **backend_settings(config, backend)}
 
 
 def augmentation_dir(config, backend: str, sequences) -> Path:
@@ -206,7 +209,7 @@ def _dry_run(ctx: StageContext, snf_requests, ccg_candidates) -> None:
               "no LLM calls")
         return None
     estimate = ctx.client.estimate(snf_requests) + ctx.client.estimate(arv.dry_run_requests(ctx, ccg_candidates))
-    print(f"dry run ({config['llm_model']}, SNF + ARV, ARV candidates approximated by CCG order):\n"
+    print(f"dry run ({model_name(ctx)}, SNF + ARV, ARV candidates approximated by CCG order):\n"
           + estimate.format())
     return None
 
@@ -248,7 +251,8 @@ def _llm_fields(ctx: StageContext, user) -> dict | None:
 
 
 def _llm_model(ctx: StageContext):
-    return ctx.config["llm_model"] if ctx.backend == "llm" else None
+    """The model that answered SNF and ARV (:func:`~recbole_llmser.augment.backends.model_name`)."""
+    return model_name(ctx)
 
 
 def _record(user, pseudo, cands, snf_order, masked, predicted, w, w_tilde, backend, llm_model, text, arv_status,

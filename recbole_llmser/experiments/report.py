@@ -21,6 +21,8 @@ BACKEND_NOTES = {
     "offline": "no LLM endpoint: the offline stand-in (candidates ranked by title-embedding similarity to the "
                "user's history, `OfflineRanker`) replaced the LLM in SNF and ARV",
     "model": "the dataset has no item text: the forward helper model's scores replaced the LLM in SNF and ARV",
+    "lm_score": "a local causal LM ranked SNF's and ARV's candidates by the length-normalised log-likelihood of their "
+                "titles after the user's history (no generation)",
 }
 
 
