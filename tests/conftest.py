@@ -96,3 +96,15 @@ def stopped_after_epoch(monkeypatch, epoch_idx, exc=Interrupted):
         yield
     finally:
         monkeypatch.setattr(SequentialTrainer, "_save_train_state", original)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run far faster on one thread (no waiting for a second thread on a busy 2-core machine); a module
+    opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -18,16 +18,10 @@ from recbole_llmser.tslrec.lm import LMSpec
 from tests.conftest import tiny_config_dict
 from tests.test_tslrec import make_tiny_lm
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 SMALL = dict(method="llmser", stage="augment", ccg_epochs=1, semantic_backend="tfidf", ccg_num_candidates=8,
              snf_num_picks=6, aug_num_pseudo=4, arv_num_candidates=5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

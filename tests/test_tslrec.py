@@ -24,6 +24,8 @@ from recbole_llmser.tslrec.pipeline import inputs_of
 from recbole_llmser.registry import get_model
 from tests.conftest import tiny_config_dict, write_tiny_dataset
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
 WORDS = ("Items this user interacted with , oldest first : ; . product number in colour red blue green item "
          "alpha beta gamma delta thing").split()
 
@@ -44,15 +46,6 @@ def make_tiny_lm(folder: Path) -> Path:
                          pad_token_id=0, bos_token_id=2, eos_token_id=2)
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run far faster on one thread (no waiting for a second thread on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
