@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import os
 import random
-import time
 
 import numpy as np
 import torch
@@ -48,13 +47,15 @@ def kept_epoch(valid_curve, cur_step: int):
     return valid_curve[-1 - cur_step][0] + 1
 
 
-def epoch_estimate(seconds: float, epochs_left: int, early_stopping: bool) -> str:
-    """One log line: the first epoch's time and what the remaining epochs may take at that pace."""
-    if epochs_left <= 0:
-        return f"first epoch took {duration(seconds)}"
-    rest = f"{epochs_left} more epochs take about {duration(seconds * epochs_left)} at this pace"
-    return f"first epoch took {duration(seconds)}; " + (f"at most {rest} (early stopping may end sooner)"
-                                                         if early_stopping else rest)
+def epoch_estimate(seconds: float, epochs: int, early_stopping: bool, done: int = None, total: int = None) -> str:
+    """One log line: how long an epoch takes (measured on ``done`` of ``total`` batches) and what ``epochs``
+    epochs take at that pace."""
+    measured = f" (measured on {done} of {total} batches)" if done and total and done < total else ""
+    line = f"an epoch takes about {duration(seconds)}{measured}"
+    if epochs <= 1:
+        return line
+    rest = f"{epochs} epochs take about {duration(seconds * epochs)} at this pace"
+    return f"{line}; " + (f"at most {rest} (early stopping may end sooner)" if early_stopping else rest)
 
 
 class SequentialTrainer(Trainer):
@@ -200,15 +201,15 @@ class SequentialTrainer(Trainer):
     def _train_epoch(self, train_data, epoch_idx, loss_func=None, show_progress=False):
         if loss_func is None and is_bert4rec(self.model):
             loss_func = self._bert4rec_loss
-        start = time.monotonic()
-        if not show_progress:  # no bar: heartbeat lines in the log instead
-            train_data = HeartbeatLoader(train_data, f"train epoch {epoch_idx}")
-        loss = super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
-        if not self._estimated:  # the first epoch this process trains: say how long the rest may take
+        estimate = None
+        if not self._estimated:  # the first epoch this process trains: after its first batches, say how long it takes
             self._estimated = True
-            self.logger.info(epoch_estimate(time.monotonic() - start, self.epochs - epoch_idx - 1,
-                                            self.config["eval_step"] <= self.epochs and self.stopping_step))
-        return loss
+            early = self.config["eval_step"] <= self.epochs and bool(self.stopping_step)
+            estimate = lambda seconds, done, total: self.logger.info(  # noqa: E731
+                f"train epoch {epoch_idx}: " + epoch_estimate(seconds, self.epochs - epoch_idx, early, done, total))
+        if estimate is not None or not show_progress:  # no bar: heartbeat lines in the log instead
+            train_data = HeartbeatLoader(train_data, f"train epoch {epoch_idx}", not show_progress, estimate)
+        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
 
     def _bert4rec_loss(self, interaction):
         ones = torch.ones(len(interaction), device=self.device)

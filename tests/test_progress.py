@@ -46,3 +46,21 @@ def test_heartbeat_loader_passes_the_loader_through():
 
     wrapped = HeartbeatLoader(Loader(), "train epoch 0")
     assert list(wrapped) == [1, 2, 3] and len(wrapped) == 3 and wrapped.shuffle is True
+
+
+def test_the_first_batches_give_an_estimate_of_the_whole_pass():
+    clock, told = Clock(), []
+
+    class Loader:
+        def __iter__(self):
+            for i in range(100):
+                clock.now += 2  # 2 s a batch
+                yield i
+
+        def __len__(self):
+            return 100
+
+    loader = HeartbeatLoader(Loader(), "train epoch 0", heartbeat=False,
+                             on_estimate=lambda *a: told.append(a), clock=clock)
+    assert list(loader) == list(range(100))
+    assert told == [(200.0, 5, 100)]  # after 5 batches (5 % of 100): 100 batches x 2 s

@@ -54,7 +54,8 @@ def test_dry_run_prints_the_plan_for_every_method(method, tmp_cwd, caplog, tmp_p
 
 
 def test_epoch_estimate_wording():
-    assert epoch_estimate(120, 199, True) == ("first epoch took 2 min; at most 199 more epochs take about 6.6 h at "
-                                              "this pace (early stopping may end sooner)")
-    assert epoch_estimate(3, 0, True) == "first epoch took 3 s"
-    assert epoch_estimate(600, 29, False) == "first epoch took 10 min; 29 more epochs take about 4.8 h at this pace"
+    assert epoch_estimate(120, 200, True, 13, 256) == (
+        "an epoch takes about 2 min (measured on 13 of 256 batches); at most 200 epochs take about 6.7 h at this "
+        "pace (early stopping may end sooner)")
+    assert epoch_estimate(3, 1, True) == "an epoch takes about 3 s"
+    assert epoch_estimate(600, 30, False, 4, 4) == "an epoch takes about 10 min; 30 epochs take about 5.0 h at this pace"
