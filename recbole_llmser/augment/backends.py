@@ -61,14 +61,14 @@ def resolve_backend(config) -> str:
     return "llm" if configured else "offline"
 
 
-def asks_llm(config, backend: str) -> bool:
-    """Whether the LLM answers a stage of this run: the LLM backend, and SNF filters or ARV verifies (not both
-    replaced by an ablation)."""
-    return backend == "llm" and (config["snf_mode"] == "filter" or config["arv_weight"] is None)
-
-
-#: SNF modes in which the backend picks among candidates (``snf.PICKING_MODES``; repeated here: snf imports this).
+#: SNF modes in which the backend picks among candidates (``filter``: CCG's, ``llm_only``: a text-similarity pool).
 PICKING_MODES = ("filter", "llm_only")
+
+
+def asks_llm(config, backend: str) -> bool:
+    """Whether the LLM answers a stage of this run: the LLM backend, and SNF picks (:data:`PICKING_MODES`) or ARV
+    verifies (not both replaced by an ablation)."""
+    return backend == "llm" and _answered(config)
 
 
 def _answered(config) -> bool:

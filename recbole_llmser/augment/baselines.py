@@ -178,8 +178,3 @@ def forward_pools(model, prefixes, allowed, keys, k: int, batch: int) -> list:
         for r, row in enumerate(scores.cpu().numpy()):
             pools.append(pool_from_scores(row, allowed, prefixes[start + r], keys, k))
     return pools
-
-
-def asks_llm(config, backend: str) -> bool:
-    """Whether ``llm_only`` asks the LLM for SNF (the LLM backend), whatever ``arv_weight`` says."""
-    return backend == "llm" and config["snf_mode"] == "llm_only"

@@ -41,7 +41,7 @@ from a catalogue-wide pool by text similarity, no CCG) replace CCG as the source
 trained (ARV's, reused like CCG's); SNF, ARV, the records and DCT are the same. Their records say where P_u came
 from (``pseudo_source``, ``source_rank``: ranks in the baseline's candidate list) and carry ``ccg_rank: null``; their
 summary adds ``pseudo_source``; ``timings_s.ccg`` then holds the forward helper alone. ``llm_only`` on the LLM
-backend asks the LLM for SNF even with ``arv_weight`` set (:func:`asks_llm`).
+backend asks the LLM for SNF even with ``arv_weight`` set (:func:`~recbole_llmser.augment.backends.asks_llm`).
 
 Leakage: everything here is computed from training prefixes (the sequence minus its validation and test items,
 :func:`~recbole_llmser.sequences.training_prefixes`); prompts show only training items' titles in their
@@ -56,9 +56,9 @@ from logging import getLogger
 from pathlib import Path
 
 from recbole_llmser.augment import arv, baselines, ccg, snf
-from recbole_llmser.augment.backends import LLM_STAGES, StageContext, backend_settings, llm_client, model_name
+from recbole_llmser.augment.backends import LLM_STAGES, StageContext, backend_settings, model_name
 from recbole_llmser.augment.backends import resolve_backend, stage_context
-from recbole_llmser.augment.backends import asks_llm as stage_asks_llm
+from recbole_llmser.augment.backends import asks_llm
 from recbole_llmser.augment.llm import RETRYABLE_ERROR_KINDS, quiet_http_logs
 from recbole_llmser.augment.presentation import LLM_AUG_KEYS, echo_rates, warn_if_echoing
 from recbole_llmser.augment.prompts import ARV_TEMPLATE_VERSION, SNF_TEMPLATE_VERSION
@@ -68,12 +68,6 @@ from recbole_llmser.utils import atomic_write_json, atomic_write_text, content_h
 
 ARTIFACT = "artifact.jsonl"
 SUMMARY = "summary.json"
-
-
-def asks_llm(config, backend: str) -> bool:
-    """Whether the LLM answers a stage of this run: :func:`~recbole_llmser.augment.backends.asks_llm`, or SNF of
-    the ``llm_only`` baseline on the LLM backend."""
-    return stage_asks_llm(config, backend) or baselines.asks_llm(config, backend)
 
 
 def artifact_settings(config, backend: str) -> dict:
@@ -151,10 +145,7 @@ def _run_augmentation(config, dataset, dry_run):
 
 def _baseline_candidates(ctx: StageContext, root) -> tuple:
     """``(items, source)`` of a baseline (:func:`~recbole_llmser.augment.baselines.candidates`); the selected rows
-    whose candidate list is empty (their prefix holds every training item) are left un-augmented. ``llm_only`` on
-    the LLM backend gets its client here when ``arv_weight`` kept ``stage_context`` from making one."""
-    if ctx.client is None and asks_llm(ctx.config, ctx.backend):
-        ctx.client = llm_client(ctx.config, root)
+    whose candidate list is empty (their prefix holds every training item) are left un-augmented."""
     items, source = baselines.candidates(ctx)
     keep = [row for row, found in enumerate(items) if len(found)]
     source["users_without_candidates"] = len(items) - len(keep)

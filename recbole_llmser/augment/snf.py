@@ -33,14 +33,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from recbole_llmser.augment.backends import StageContext, ask
+from recbole_llmser.augment.backends import PICKING_MODES, StageContext, ask
 from recbole_llmser.augment.llm import LLMRequest
 from recbole_llmser.augment.prompts import SNF_TEMPLATE_VERSION, expected_answer_tokens, snf_messages, snf_schema
 from recbole_llmser.helper_models import batch_scores
-
-#: The ``snf_mode`` values in which the backend (LLM, offline stand-in, forward model) picks among the candidates;
-#: the others keep the candidates' own order (``ccg_top``, ``cooccurrence``) or replace them (``random``).
-PICKING_MODES = ("filter", "llm_only")
 
 
 # ----- the method's maths (pure) ----------------------------------------------------------------------------
