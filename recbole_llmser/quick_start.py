@@ -18,7 +18,8 @@ from recbole_llmser.evaluation import (
 )
 from recbole_llmser.methods import uses_llmser, uses_tslrec
 from recbole_llmser.registry import get_model, get_trainer
-from recbole_llmser.run_folder import CONFIG, INPUTS, INPUTS_FORMAT, RESULTS, TRAIN_STATE, RunFolder, input_digests
+from recbole_llmser.run_folder import (CONFIG, INPUTS, INPUTS_FORMAT, RESULTS, TRAIN_STATE, RunFolder, input_digests,
+                                       resuming)
 from recbole_llmser.run_plan import plan_lines
 from recbole_llmser.trainer import kept_epoch
 from recbole_llmser.utils import atomic_write_json, atomic_write_text, digest_path
@@ -58,12 +59,6 @@ def quiet_console(logger) -> None:
 def plain_metrics(result) -> dict:
     """A metric dict with plain rounded floats (RecBole's hold ``np.float64``, printed as such)."""
     return {k: round(float(v), 4) for k, v in dict(result or {}).items()}
-
-
-def _resuming(config) -> bool:
-    """Whether this run continues a stopped named run (its folder holds ``train_state.pth``)."""
-    name = config["run_name"]
-    return bool(name) and (Path(config["checkpoint_dir"]).resolve() / config["dataset"] / name / TRAIN_STATE).is_file()
 
 
 def _plain_dataset(config, dry_run):
@@ -136,7 +131,7 @@ def _artifacts(config, stage, dry_run, folder=None) -> dict:
             raise LLMSeRError("--stage=train needs --aug_file=<artifact.jsonl> (made by --stage=augment)")
         if not (trains and config["aug_file"]):
             # a stopped run resumes on the artifact it started with (inputs.json), not on one rebuilt meanwhile
-            artifact = augment(config.copy_with(llm_retry_failed=False) if _resuming(config) else config, dry_run)
+            artifact = augment(config.copy_with(llm_retry_failed=False) if resuming(config) else config, dry_run)
             artifacts["artifact"] = str(artifact) if artifact else None
             if trains:
                 config["aug_file"] = str(artifact)

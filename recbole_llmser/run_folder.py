@@ -62,6 +62,16 @@ def input_digests(config) -> dict:
             for role, path in input_files(config).items()}
 
 
+def runs_dir(config) -> Path:
+    """``<checkpoint_dir>/<dataset>/``, the folder that holds a dataset's run folders."""
+    return Path(config["checkpoint_dir"]).resolve() / config["dataset"]
+
+
+def resuming(config) -> bool:
+    """Whether a run continues a stopped named run (its folder holds ``train_state.pth``)."""
+    return bool(config["run_name"]) and (runs_dir(config) / config["run_name"] / TRAIN_STATE).is_file()
+
+
 class RunFolder:
     """The folder of one training run, made and locked by :meth:`open`; released by :meth:`close`."""
 
@@ -74,7 +84,7 @@ class RunFolder:
     @classmethod
     def open(cls, config) -> "RunFolder":
         """Make (when absent) and lock the run's folder: ``run_name``'s, or a new ``<model>-<method>-<time>-<id>``."""
-        base = Path(config["checkpoint_dir"]).resolve() / config["dataset"]
+        base = runs_dir(config)
         path = base / (config["run_name"] or unique_stem(config["model"], config["method"]))
         made = [p for p in (base.parent, base, path) if not p.exists()]
         path.mkdir(parents=True, exist_ok=bool(config["run_name"]))
@@ -282,9 +292,8 @@ def run_state(run_dir: Path) -> dict:
         status = json.loads((run_dir / STATUS).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         status = {"state": "finished" if (run_dir / RESULTS).is_file() else "unknown", "stage": None}
-    if status.get("state") == "running" and not (run_dir / LOCK).is_file():
-        status["state"] = "stopped (process gone)"
-    elif status.get("state") == "running" and _lock_is_stale(run_dir / LOCK, _lock_holder(run_dir / LOCK)):
+    lock = run_dir / LOCK
+    if status.get("state") == "running" and (not lock.is_file() or _lock_is_stale(lock, _lock_holder(lock))):
         status["state"] = "stopped (process gone)"
     try:
         config = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}
