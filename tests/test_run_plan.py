@@ -59,3 +59,10 @@ def test_epoch_estimate_wording():
         "pace (early stopping may end sooner)")
     assert epoch_estimate(3, 1, True) == "an epoch takes about 3 s"
     assert epoch_estimate(600, 30, False, 4, 4) == "an epoch takes about 10 min; 30 epochs take about 5.0 h at this pace"
+
+
+def test_the_short_settings_are_the_demos():
+    from recbole_llmser.utils import REPO_DIR
+
+    demo = next(line for line in (REPO_DIR / "Makefile").read_text().splitlines() if line.startswith("DEMO_ARGS"))
+    assert demo.split("?=", 1)[1].strip() == SHORT_CPU_SETTINGS  # what the plan and --help suggest is what make demo runs
