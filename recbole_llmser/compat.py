@@ -87,6 +87,20 @@ def _undo_global_anomaly_detection() -> None:
     torch.autograd.set_detect_anomaly(False)
 
 
+def _ddp_on_cpu() -> None:
+    # recbole/trainer/trainer.py:62 (AbstractTrainer.__init__) wraps every model of a multi-process run in
+    # DistributedDataParallel(model, device_ids=[local_rank]); torch refuses device_ids for a module on the CPU
+    # (gloo). Give DDP device_ids only for a module on a GPU.
+    import recbole.trainer.trainer as recbole_trainer
+    from torch.nn.parallel import DistributedDataParallel
+
+    def ddp(module, device_ids=None, **kwargs):
+        on_cpu = next(module.parameters()).device.type == "cpu"
+        return DistributedDataParallel(module, device_ids=None if on_cpu else device_ids, **kwargs)
+
+    recbole_trainer.DistributedDataParallel = ddp
+
+
 def apply() -> None:
     """Apply every fix once (idempotent)."""
     global _APPLIED
@@ -96,6 +110,7 @@ def apply() -> None:
     _check_pandas()
     _silence_known_warnings()
     _undo_global_anomaly_detection()
+    _ddp_on_cpu()
     _APPLIED = True
 
 
@@ -124,6 +139,24 @@ class ConfigCompatMixin:
             "Evaluation": list(evaluation_arguments),
             "Dataset": list(dataset_arguments),
         }
+
+    def _init_device(self):
+        # recbole/config/configurator.py:496-511 (Config._init_device) joins a multi-process run with
+        # backend="nccl" and a CUDA device whatever the machine has, and asserts one gpu_id per process. Processes
+        # on CPUs need gloo; recbole_llmser.distributed.init_process_group picks the backend by device
+        # (dist_backend overrides) and RecBole's single-process branch stays as it is.
+        if "local_rank" not in self.final_config_dict:
+            return super()._init_device()
+        from recbole_llmser.distributed import init_process_group
+
+        final = self.final_config_dict
+        gpu_id = final["gpu_id"]
+        final["gpu_id"] = ",".join(map(str, gpu_id)) if isinstance(gpu_id, (tuple, list)) else str(gpu_id)
+        if final.get("use_gpu", True) and final["gpu_id"]:
+            import os
+
+            os.environ["CUDA_VISIBLE_DEVICES"] = final["gpu_id"]
+        init_process_group(final)
 
 
 def load_checkpoint(path, map_location, digest_dir=None):

@@ -45,6 +45,7 @@ Loss paths (all return the reduced weighted loss of one batch):
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import NamedTuple
 
 import numpy as np
@@ -176,14 +177,37 @@ def sampled_rows(user, flag, augmented_users) -> np.ndarray:
 
 
 # ----- losses ---------------------------------------------------------------------------------------------
+#: Set while a trainer of a multi-process run trains (:func:`across_processes`).
+_ACROSS_PROCESSES = ContextVar("dct_across_processes", default=False)
+
+
+@contextmanager
+def across_processes(on: bool):
+    """Within the block (``on``), :func:`weighted_reduce` reduces over the global batch of all processes."""
+    token = _ACROSS_PROCESSES.set(bool(on))
+    try:
+        yield
+    finally:
+        _ACROSS_PROCESSES.reset(token)
+
+
 def weighted_reduce(loss: torch.Tensor, weight: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``sum``: Σ w·ℓ; ``mean``: Σ w·ℓ / Σ w (0 when Σ w = 0)."""
+    """``sum``: Σ w·ℓ; ``mean``: Σ w·ℓ / Σ w (0 when Σ w = 0).
+
+    Inside :func:`across_processes` the sums run over the global batch: with N processes whose gradients DDP
+    averages, each returns N·Σ_local w·ℓ (``sum``) or N·Σ_local w·ℓ / Σ_global w (``mean``), so the averaged
+    gradient is the one process's gradient of the same reduction over all N processes' rows."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"dct_reduction must be 'mean' or 'sum', got {reduction!r}")
     total = (loss * weight).sum()
+    denominator, n = weight.sum(), 1
+    if _ACROSS_PROCESSES.get():
+        from recbole_llmser.distributed import global_weight_sum
+
+        denominator, n = global_weight_sum(denominator)
     if reduction == "sum":
-        return total
-    if reduction == "mean":
-        return total / weight.sum().clamp_min(torch.finfo(weight.dtype).tiny)
-    raise ValueError(f"dct_reduction must be 'mean' or 'sum', got {reduction!r}")
+        return total * n
+    return total * n / denominator.clamp_min(torch.finfo(weight.dtype).tiny)
 
 
 def _is_bpr(loss_fct) -> bool:

@@ -135,8 +135,11 @@ class SplitRows:
 def split_rows(model, eval_data, dataset, config, show_progress=False) -> SplitRows:
     """Run ``model`` over the rows of a RecBole eval dataloader: the target's rank in each row under every protocol
     of ``eval_protocols``. ``dataset`` is our :class:`recbole_llmser.data.dataset.SequentialDataset` (per-user
-    lengths and items)."""
+    lengths and items). With several processes each scores every N-th batch and the rows are gathered in every
+    process, equal to one process's (the negatives of ``uni<N>`` are drawn for every batch in every process, so
+    the seeded draws stay those of one process)."""
     import torch
+    from recbole_llmser.distributed import gather_batches
     from recbole_llmser.progress import progress
 
     split = eval_data._dataset
@@ -145,36 +148,43 @@ def split_rows(model, eval_data, dataset, config, show_progress=False) -> SplitR
     n_items = dataset.item_num
     seen = dataset.user_items
     rng = {p: np.random.default_rng([int(config["seed"]), parse_protocol(p) or 0]) for p in protocols}
-    ranks = {p: [] for p in protocols}
-    users_all, targets_all = [], []
-
-    model.eval()
     batch = int(config["eval_batch_size"])
     starts = range(0, len(split), batch)
+
+    def negatives(users):
+        return {p: sample_negatives(users, seen, n_items, parse_protocol(p), rng[p])
+                for p in protocols if parse_protocol(p) is not None}
+
+    def score(b):
+        inter = split.inter_feat[starts[b]:starts[b] + batch].to(device)
+        users = inter[dataset.uid_field].cpu().numpy()
+        negs = negatives(users)
+        target = inter[dataset.iid_field]
+        scores = model.full_sort_predict(inter).view(len(inter), -1).float()
+        scores[:, 0] = -torch.inf  # padding is never a candidate
+        target_scores = scores.gather(1, target.view(-1, 1)).squeeze(1)
+        ranks = {}
+        for p in protocols:
+            if p in negs:
+                r = ranks_from_scores(scores.gather(1, torch.as_tensor(negs[p], device=scores.device)),
+                                      target_scores, n_equal_self=0)
+            else:
+                r = ranks_from_scores(scores, target_scores, n_equal_self=1)
+            ranks[p] = r.cpu().numpy()
+        return users, target.cpu().numpy(), ranks
+
+    def skip(b):  # a batch another process scores: draw its negatives all the same
+        negatives(split.inter_feat[dataset.uid_field][starts[b]:starts[b] + batch].numpy())
+
+    model.eval()
     with torch.no_grad():
-        for start in progress(starts, "evaluate", show_progress, unit="batches"):
-            inter = split.inter_feat[start:start + batch].to(device)
-            users = inter[dataset.uid_field].cpu().numpy()
-            users_all.append(users)
-            target = inter[dataset.iid_field]
-            targets_all.append(target.cpu().numpy())
-            scores = model.full_sort_predict(inter).view(len(inter), -1).float()
-            scores[:, 0] = -torch.inf  # padding is never a candidate
-            target_scores = scores.gather(1, target.view(-1, 1)).squeeze(1)
-            for p in protocols:
-                n_neg = parse_protocol(p)
-                if n_neg is None:
-                    r = ranks_from_scores(scores, target_scores, n_equal_self=1)
-                else:
-                    negs = torch.as_tensor(sample_negatives(users, seen, n_items, n_neg, rng[p]), device=scores.device)
-                    r = ranks_from_scores(scores.gather(1, negs), target_scores, n_equal_self=0)
-                ranks[p].append(r.cpu().numpy())
+        done = gather_batches(config, progress(range(len(starts)), "evaluate", show_progress, unit="batches"), score, skip)
 
     empty = np.empty(0, dtype=np.int64)
-    users_all = np.concatenate(users_all) if users_all else empty
+    users_all = np.concatenate([d[0] for d in done]) if done else empty
     return SplitRows(users=users_all, lengths=np.asarray(dataset.user_train_len)[users_all],
-                     targets=np.concatenate(targets_all) if targets_all else empty,
-                     ranks={p: np.concatenate(ranks[p]) if ranks[p] else empty for p in protocols})
+                     targets=np.concatenate([d[1] for d in done]) if done else empty,
+                     ranks={p: np.concatenate([d[2][p] for d in done]) if done else empty for p in protocols})
 
 
 def split_result(rows: SplitRows, dataset, config) -> dict:

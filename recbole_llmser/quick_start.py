@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from logging import getLogger
 from pathlib import Path
 
 import yaml
 from recbole.utils import init_logger, init_seed, set_color
 
+from recbole_llmser import distributed
 from recbole_llmser.config import Config
 from recbole_llmser.data import create_dataset, data_preparation
 from recbole_llmser.errors import LLMSeRError
@@ -34,9 +36,25 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     estimate. With ``method: tslrec`` TSLRec's stages build the item-embedding table first; ``llmser+tslrec`` does
     both. ``stage: augment`` returns ``{"artifact": path}`` and/or ``{"tsl_embedding_file": path}`` without
     training (``stage: reconstruct``: TSLRec's stage 1 only).
+
+    ``nproc`` > 1 (or ``world_size``) trains on several processes (:mod:`recbole_llmser.distributed`): this process
+    starts them and returns the first one's result; under ``torchrun`` each process is one of them already.
     """
+    cmd_args = list(sys.argv[1:] if cmd_args is None else cmd_args)
+    config_dict = {**(config_dict or {}), **distributed.torchrun_settings()}
     config = Config(model, dataset, config_file_list, config_dict, cmd_args)
+    if distributed.wants_processes(config) and config["stage"] in ("all", "train") and not dry_run:
+        return distributed.launch(_process_main, int(config["nproc"]),
+                                  (model, dataset, config_file_list, config_dict, cmd_args, saved))
     return run_with_config(config, saved=saved, dry_run=dry_run)
+
+
+def _process_main(local_rank, model, dataset, config_file_list, config_dict, cmd_args, saved, queue):
+    """One of the ``nproc`` processes :func:`run` starts: the same run with its ``local_rank``."""
+    config = Config(model, dataset, config_file_list, {**config_dict, "local_rank": local_rank}, cmd_args)
+    result = run_with_config(config, saved=saved)
+    if distributed.is_main(config):
+        queue.put(result)
 
 
 #: ``extra`` key of a log record that goes to the log file but not to the console (see :func:`quiet_console`).
@@ -100,11 +118,16 @@ def run_with_config(config, saved=True, dry_run=False):
         logger.info(config, extra={FILE_ONLY: not config["show_config"]})
         _log_plan(logger, config, dry_run)
         return _artifacts(config, stage, dry_run)
+    if not distributed.is_main(config):  # one of several processes, not the first: it writes nothing
+        return _train_in(None, config, saved, _follower_logger(config))
     folder = RunFolder.open(config)
     logger = folder.start_logging(config)
     quiet_console(logger)
     logger.info(set_color("run folder", "blue") + f": {folder.path} (log: {folder.log_file.name})")
     logger.info(config, extra={FILE_ONLY: not config["show_config"]})
+    if not config["single_spec"]:
+        logger.info(f"distributed: {distributed.world_size()} processes ({config['nproc']} on this host), backend "
+                    f"{distributed.backend()}, device {config['device']}; this first process writes the run's files")
     try:
         _log_plan(logger, config, dry_run)
         result = _train_in(folder, config, saved, logger)
@@ -114,6 +137,15 @@ def run_with_config(config, saved=True, dry_run=False):
     folder.set_status("finished", "results")
     folder.close()
     return result
+
+
+def _follower_logger(config):
+    """The logger of a process that is not the first of a multi-process run: errors on the console, no file."""
+    logger = getLogger()
+    logger.setLevel(logging.ERROR)
+    if not logger.handlers:
+        logger.addHandler(logging.StreamHandler())
+    return logger
 
 
 def _log_plan(logger, config, dry_run) -> None:
@@ -149,8 +181,12 @@ def _artifacts(config, stage, dry_run, folder=None) -> dict:
 
 
 def _train_in(folder, config, saved, logger):
-    """The artifacts, then the data, then training and evaluation in ``folder``; returns the result dict."""
-    _artifacts(config, config["stage"], False, folder)
+    """The artifacts, then the data, then training and evaluation in ``folder``; returns the result dict. With several
+    processes the first builds the artifacts (the others wait) and owns ``folder``; the others get None."""
+    if folder is not None:
+        _artifacts(config, config["stage"], False, folder)
+    for key, value in distributed.broadcast(config, {k: config[k] for k in ("aug_file", "tsl_embedding_file")}).items():
+        config[key] = value
     if uses_llmser(config):
         logger.info(f"dual-channel training with the augmentation artifact {config['aug_file']}")
     if uses_tslrec(config):
@@ -166,15 +202,21 @@ def _train_in(folder, config, saved, logger):
         table, _ = load_table(config["tsl_embedding_file"], dataset.field2id_token[dataset.iid_field])
 
     inputs = input_digests(config)  # the files as loaded (prepare_dataset may have just written them)
-    folder.check_resume(config, inputs)
-    return _run_in(folder.path, config, dataset, (train_data, valid_data, test_data), table, inputs, saved, logger,
+    if folder is not None:
+        folder.check_resume(config, inputs)
+    run_dir = Path(distributed.broadcast(config, str(folder.path) if folder is not None else None))
+    return _run_in(run_dir, config, dataset, (train_data, valid_data, test_data), table, inputs, saved, logger,
                    folder)
 
 
 def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger, folder):
-    """Train and evaluate in the locked ``run_dir`` (see ``run_with_config``); returns the result dict."""
+    """Train and evaluate in the locked ``run_dir`` (see ``run_with_config``); returns the result dict. ``folder`` is
+    None in the processes of a multi-process run that write nothing (all but the first)."""
     train_data, valid_data, test_data = splits
-    if (run_dir / RESULTS).is_file():  # a named run that finished before, with these settings: nothing to train
+    main = folder is not None
+    if distributed.broadcast(config, (run_dir / RESULTS).is_file()):  # a named run that finished before: nothing to train
+        if not main:
+            return None
         result = {**json.loads((run_dir / RESULTS).read_text(encoding="utf-8")), "finished_earlier": True}
         logger.info("\n" + format_results(result["valid"], "valid"))
         logger.info("\n" + format_results(result["test"], "test"))
@@ -182,7 +224,7 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger, fold
                     f"{RESULTS} is returned (the results above), nothing was trained")
         return result
     config["checkpoint_dir"] = str(run_dir)
-    if not (run_dir / TRAIN_STATE).is_file():  # a resumed run keeps the config and inputs it started with (checked)
+    if main and not (run_dir / TRAIN_STATE).is_file():  # a resumed run keeps its config and inputs (checked)
         atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
         atomic_write_json(run_dir / INPUTS, {"format": INPUTS_FORMAT, "files": inputs})
 
@@ -196,13 +238,15 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger, fold
     trainer = get_trainer(config["MODEL_TYPE"], config["model"], config)(config, model)
 
     trainer.train_state_file = str(run_dir / TRAIN_STATE)  # every run can be resumed: see run_name
-    folder.set_status("running", "train")
+    if main:
+        folder.set_status("running", "train")
     best_valid_score, best_valid_result = trainer.fit(train_data, valid_data, saved=saved,
                                                       show_progress=config["show_progress"])
     if saved:
         trainer.load_model_file()
 
-    folder.set_status("running", "evaluate")
+    if main:
+        folder.set_status("running", "evaluate")
     rows = {name: split_rows(model, data, dataset, config, show_progress=config["show_progress"])
             for name, data in (("valid", valid_data), ("test", test_data))}
     valid_result, test_result = (split_result(rows[name], dataset, config) for name in ("valid", "test"))
@@ -231,6 +275,8 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger, fold
         "tsl_embedding_file": config["tsl_embedding_file"],
         "per_user": PER_USER,  # the per-user ranks of both splits, beside results.json (written first)
     }
+    if not main:
+        return result
     write_per_user(run_dir / PER_USER, rows, dataset, config)
     atomic_write_json(run_dir / RESULTS, result)
     for done in (run_dir / TRAIN_STATE, digest_path(run_dir / TRAIN_STATE)):  # finished: nothing left to resume

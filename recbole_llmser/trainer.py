@@ -12,12 +12,14 @@ import torch
 from recbole.data.dataloader import TrainDataLoader
 from recbole.trainer import Trainer
 
+from recbole_llmser import distributed
 from recbole_llmser.compat import load_checkpoint, tensorboard_writer
 from recbole_llmser.dct import (
     CHANNEL_FIELD,
     TARGET_LIST_FIELD,
     WEIGHT_FIELD,
     WEIGHT_LIST_FIELD,
+    across_processes,
     all_positions_loss,
     bert4rec_weighted_loss,
     is_bert4rec,
@@ -74,6 +76,11 @@ class SequentialTrainer(Trainer):
       checked before it is loaded, as is the best checkpoint's. ``valid_curve`` holds ``(epoch_idx, score)`` of
       every validated epoch (RecBole's 0-based ``epoch_idx``), ``resumed_from`` the epoch index a resumed run
       restarted at (``None`` otherwise).
+    * On several processes (``nproc``; RecBole wraps the model in ``DistributedDataParallel``): the training rows
+      are dealt in the order one process would shuffle them (:class:`~recbole_llmser.distributed.GlobalOrderSampler`),
+      weighted losses reduce over the global batch (:func:`~recbole_llmser.dct.across_processes`), only the first
+      process writes checkpoints and the training state (which keeps every process's random-number states), and
+      the others receive the kept weights from it (:meth:`load_model_file`).
     * BERT4Rec (with RecBole's ``calculate_loss``) trains on :func:`~recbole_llmser.dct.bert4rec_weighted_loss`
       with every weight 1: RecBole's loss, scoring only the real masked positions (0.64x RecBole's epoch time on
       amazon-beauty, ``benchmarks/dct_epoch_cost.py --model=BERT4Rec``).
@@ -82,7 +89,7 @@ class SequentialTrainer(Trainer):
     def __init__(self, config, model):
         with tensorboard_writer(config["checkpoint_dir"] if config["tensorboard"] else None):
             super().__init__(config, model)
-        stem = unique_stem(config["model"], config["dataset"])
+        stem = distributed.broadcast(config, unique_stem(config["model"], config["dataset"]))  # one name in every process
         self.saved_model_file = os.path.join(self.checkpoint_dir, f"{stem}.pth")
         self.train_state_file = None
         self.record_digest = True
@@ -93,7 +100,8 @@ class SequentialTrainer(Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         """RecBole's ``fit``, resumable through ``train_state_file`` (see the class)."""
         state_file = self.train_state_file
-        if state_file and os.path.isfile(state_file) and self._restore_train_state(state_file, train_data, saved):
+        resume = bool(state_file) and distributed.broadcast(self.config, os.path.isfile(state_file))  # the first process's view
+        if resume and self._restore_train_state(state_file, train_data, saved):
             return self.best_valid_score, self.best_valid_result  # the interrupted run had finished training
 
         def after_validation(epoch_idx, valid_score):
@@ -115,7 +123,7 @@ class SequentialTrainer(Trainer):
         if not self.record_digest:
             return super()._save_checkpoint(epoch, verbose=verbose, **kwargs)
         path = kwargs.pop("saved_model_file", self.saved_model_file)
-        if not self.config["single_spec"] and self.config["local_rank"] != 0:
+        if not distributed.is_main(self.config):
             return None
         with atomic_file_with_digest(path, "wb") as f:
             super()._save_checkpoint(epoch, verbose=False, saved_model_file=f, **kwargs)  # torch.save takes a file
@@ -123,8 +131,20 @@ class SequentialTrainer(Trainer):
             self.logger.info(f"Saving current: {path}")
         return None
 
-    def _save_train_state(self, path, epoch_idx, train_data):
+    def _rng_state(self, train_data) -> dict:
         numpy_state = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+            "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
+            "python": random.getstate(),
+            "loaders": [g.get_state() for g in self._train_generators(train_data)],
+        }
+
+    def _save_train_state(self, path, epoch_idx, train_data):
+        rngs = distributed.gather(self.config, self._rng_state(train_data))  # every process's: each resumes its own
+        if not distributed.is_main(self.config):
+            return
         state = {
             "format": TRAIN_STATE_FORMAT,
             "model": self.config["model"],
@@ -138,27 +158,19 @@ class SequentialTrainer(Trainer):
             "saved_model_file": os.path.basename(self.saved_model_file),
             "state_dict": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
-                "numpy": [numpy_state[0], torch.from_numpy(numpy_state[1].astype(np.int64)), *numpy_state[2:]],
-                "python": random.getstate(),
-                "loaders": [g.get_state() for g in self._train_generators(train_data)],
-            },
+            "rng": rngs[0],
+            **({"rng_by_rank": rngs} if len(rngs) > 1 else {}),
         }
         with atomic_file_with_digest(path, "wb") as f:
             torch.save(state, f)
 
-    def _restore_train_state(self, path, train_data, saved=True) -> bool:
-        """Load ``path`` (written by ``_save_train_state``); returns whether that run had finished training.
-        Refuses a file whose sha256 is not the one recorded when it was written, and (``saved``) a best checkpoint
-        of the interrupted run that is not this package's either (before any training, not at the end)."""
+    def _read_train_state(self, path, saved):
         problem = digest_problem(path)
         if problem:
             raise LLMSeRError(f"{path} was not written by recbole_llmser (or changed since: {problem}); delete it to "
                               "train this run from the start")
         try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise LLMSeRError(f"{path}: not a readable training state ({type(err).__name__}); delete it to "
                               "train this run from the start") from None
@@ -167,6 +179,26 @@ class SequentialTrainer(Trainer):
         if state["model"].lower() != self.config["model"].lower():
             raise LLMSeRError(f"{path}: training state of {state['model']}, not {self.config['model']}; "
                               "delete it or choose another run_name")
+        ranks = len(state.get("rng_by_rank", [state["rng"]]))
+        if ranks != distributed.world_size(self.config):
+            raise LLMSeRError(f"{path}: training state of a run on {ranks} process(es), resumed on "
+                              f"{distributed.world_size(self.config)}; resume it with nproc/world_size as it started")
+        checkpoint = os.path.join(os.path.dirname(os.path.abspath(path)), state["saved_model_file"])
+        if saved and os.path.isfile(checkpoint):
+            problem = digest_problem(checkpoint)
+            if problem:
+                raise LLMSeRError(f"{checkpoint} was not written by recbole_llmser (or changed since: "
+                                  f"{problem}); delete its run folder {os.path.dirname(os.path.abspath(path))} (or "
+                                  "choose another run_name) to train this run again")
+        return state
+
+    def _restore_train_state(self, path, train_data, saved=True) -> bool:
+        """Load ``path`` (written by ``_save_train_state``); returns whether that run had finished training.
+        Refuses a file whose sha256 is not the one recorded when it was written, and (``saved``) a best checkpoint
+        of the interrupted run that is not this package's either (before any training, not at the end). With
+        several processes the first reads the file and sends it to the others."""
+        state = distributed.broadcast(self.config, self._read_train_state(path, saved) if distributed.is_main(self.config)
+                                      else None)
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = state["epoch"] + 1
@@ -176,13 +208,7 @@ class SequentialTrainer(Trainer):
         self.train_loss_dict = dict(state["train_loss_dict"])
         self.valid_curve = [(int(e), float(v)) for e, v in state["valid_curve"]]
         self.saved_model_file = os.path.join(os.path.dirname(os.path.abspath(path)), state["saved_model_file"])
-        if saved and os.path.isfile(self.saved_model_file):
-            problem = digest_problem(self.saved_model_file)
-            if problem:
-                raise LLMSeRError(f"{self.saved_model_file} was not written by recbole_llmser (or changed since: "
-                                  f"{problem}); delete its run folder {os.path.dirname(os.path.abspath(path))} (or "
-                                  "choose another run_name) to train this run again")
-        rng = state["rng"]
+        rng = state["rng_by_rank"][distributed.rank(self.config)] if "rng_by_rank" in state else state["rng"]
         torch.set_rng_state(rng["torch"])
         if rng["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -207,9 +233,13 @@ class SequentialTrainer(Trainer):
             early = self.config["eval_step"] <= self.epochs and bool(self.stopping_step)
             estimate = lambda seconds, done, total: self.logger.info(  # noqa: E731
                 f"train epoch {epoch_idx}: " + epoch_estimate(seconds, self.epochs - epoch_idx, early, done, total))
+        distributed.use_global_order(train_data)  # several processes: one process's batches, dealt out
         if estimate is not None or not show_progress:  # no bar: heartbeat lines in the log instead
             train_data = HeartbeatLoader(train_data, f"train epoch {epoch_idx}", not show_progress, estimate)
-        return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
+        if loss_func is None:  # the model's own loss, a mean over the batch's rows
+            loss_func = distributed.row_mean_across(self.config, self.model.calculate_loss)
+        with across_processes(not self.config["single_spec"]):
+            return super()._train_epoch(train_data, epoch_idx, loss_func=loss_func, show_progress=show_progress)
 
     def _bert4rec_loss(self, interaction):
         ones = torch.ones(len(interaction), device=self.device)
@@ -218,10 +248,13 @@ class SequentialTrainer(Trainer):
     def load_model_file(self, model_file=None):
         """Load the weights of ``model_file`` (default: this trainer's best checkpoint) into the model."""
         model_file = model_file or self.saved_model_file
-        checkpoint = load_checkpoint(model_file, map_location=self.device)
-        self.model.load_state_dict(checkpoint["state_dict"])
-        self.model.load_other_parameter(checkpoint.get("other_parameter"))
-        self.logger.info(f"Loading model structure and parameters from {model_file}")
+        checkpoint = None
+        if distributed.is_main(self.config):  # with several processes the others receive its weights
+            checkpoint = load_checkpoint(model_file, map_location=self.device)
+            self.model.load_state_dict(checkpoint["state_dict"])
+            self.model.load_other_parameter(checkpoint.get("other_parameter"))
+            self.logger.info(f"Loading model structure and parameters from {model_file}")
+        distributed.broadcast_state_dict(self.config, self.model)
         return checkpoint
 
     def evaluate(self, eval_data, load_best_model=True, model_file=None, show_progress=False):
@@ -232,6 +265,9 @@ class SequentialTrainer(Trainer):
     def resume_checkpoint(self, resume_file):
         resume_file = str(resume_file)
         checkpoint = self.load_model_file(resume_file)
+        keep = ("epoch", "cur_step", "best_valid_score", "optimizer")
+        checkpoint = distributed.broadcast(self.config, checkpoint and {**{k: checkpoint[k] for k in keep},
+                                                           "config": {"model": checkpoint["config"]["model"]}})
         self.saved_model_file = resume_file
         self.start_epoch = checkpoint["epoch"] + 1
         self.cur_step = checkpoint["cur_step"]
