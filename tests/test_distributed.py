@@ -211,3 +211,16 @@ def test_killed_two_process_run_resumes(world, tmp_cwd):
     for split in ("valid", "test"):
         for protocol in want[split]:
             assert got[split][protocol]["overall"] == pytest.approx(want[split][protocol]["overall"], abs=1e-9)
+
+
+def test_torchrun_starts_the_same_run(world, tmp_cwd):
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", *cli(world, "torchrun", 1)[1:]]
+    cmd = [a for a in cmd if not a.startswith(("--nproc=", "--epochs="))] + ["--epochs=2"]
+    done = subprocess.run(cmd, cwd=tmp_cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    run_dir = world / "saved-cli" / "tiny" / "torchrun"
+    assert json.loads((run_dir / "results.json").read_text())["epochs_trained"] == 2
+    log = next(run_dir.glob("*.log")).read_text()
+    assert "distributed: 2 processes (2 on this host), backend gloo" in log
