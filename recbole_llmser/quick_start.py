@@ -228,7 +228,7 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger, fold
         atomic_write_text(run_dir / CONFIG, yaml.safe_dump(config.to_dict(), sort_keys=False))
         atomic_write_json(run_dir / INPUTS, {"format": INPUTS_FORMAT, "files": inputs})
 
-    init_seed(config["seed"] + config["local_rank"], config["reproducibility"])
+    init_seed(config["seed"] + distributed.rank(config), config["reproducibility"])  # global rank
     model = get_model(config["model"])(config, train_data._dataset).to(config["device"])
     if uses_tslrec(config):
         from recbole_llmser.tslrec.inject import apply_item_embeddings
