@@ -80,7 +80,8 @@ def torchrun_settings(environ=os.environ) -> dict:
         raise LLMSeRError(f"torchrun environment incomplete: {', '.join(missing)} not set")
     local = int(environ["LOCAL_RANK"])
     return {"local_rank": local, "offset": int(environ["RANK"]) - local, "world_size": int(environ["WORLD_SIZE"]),
-            "nproc": int(environ["LOCAL_WORLD_SIZE"]), "ip": environ["MASTER_ADDR"], "port": int(environ["MASTER_PORT"])}
+            "nproc": int(environ["LOCAL_WORLD_SIZE"]), "ip": environ["MASTER_ADDR"],
+            "port": int(environ["MASTER_PORT"])}
 
 
 def choose_backend(requested: str, on_gpu: bool) -> str:

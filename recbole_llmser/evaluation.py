@@ -178,7 +178,8 @@ def split_rows(model, eval_data, dataset, config, show_progress=False) -> SplitR
 
     model.eval()
     with torch.no_grad():
-        done = gather_batches(config, progress(range(len(starts)), "evaluate", show_progress, unit="batches"), score, skip)
+        batches = progress(range(len(starts)), "evaluate", show_progress, unit="batches")
+        done = gather_batches(config, batches, score, skip)
 
     empty = np.empty(0, dtype=np.int64)
     users_all = np.concatenate([d[0] for d in done]) if done else empty

@@ -214,7 +214,8 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger, fold
     None in the processes of a multi-process run that write nothing (all but the first)."""
     train_data, valid_data, test_data = splits
     main = folder is not None
-    if distributed.broadcast(config, (run_dir / RESULTS).is_file()):  # a named run that finished before: nothing to train
+    # a named run that finished before (the first process's view): nothing to train
+    if distributed.broadcast(config, (run_dir / RESULTS).is_file()):
         if not main:
             return None
         result = {**json.loads((run_dir / RESULTS).read_text(encoding="utf-8")), "finished_earlier": True}

@@ -89,7 +89,8 @@ class SequentialTrainer(Trainer):
     def __init__(self, config, model):
         with tensorboard_writer(config["checkpoint_dir"] if config["tensorboard"] else None):
             super().__init__(config, model)
-        stem = distributed.broadcast(config, unique_stem(config["model"], config["dataset"]))  # one name in every process
+        # one name in every process (only the first writes it)
+        stem = distributed.broadcast(config, unique_stem(config["model"], config["dataset"]))
         self.saved_model_file = os.path.join(self.checkpoint_dir, f"{stem}.pth")
         self.train_state_file = None
         self.record_digest = True
@@ -100,7 +101,8 @@ class SequentialTrainer(Trainer):
     def fit(self, train_data, valid_data=None, verbose=True, saved=True, show_progress=False, callback_fn=None):
         """RecBole's ``fit``, resumable through ``train_state_file`` (see the class)."""
         state_file = self.train_state_file
-        resume = bool(state_file) and distributed.broadcast(self.config, os.path.isfile(state_file))  # the first process's view
+        # the first process's view of the file (the others may run on hosts without it)
+        resume = bool(state_file) and distributed.broadcast(self.config, os.path.isfile(state_file))
         if resume and self._restore_train_state(state_file, train_data, saved):
             return self.best_valid_score, self.best_valid_result  # the interrupted run had finished training
 
@@ -197,8 +199,8 @@ class SequentialTrainer(Trainer):
         Refuses a file whose sha256 is not the one recorded when it was written, and (``saved``) a best checkpoint
         of the interrupted run that is not this package's either (before any training, not at the end). With
         several processes the first reads the file and sends it to the others."""
-        state = distributed.broadcast(self.config, self._read_train_state(path, saved) if distributed.is_main(self.config)
-                                      else None)
+        mine = self._read_train_state(path, saved) if distributed.is_main(self.config) else None
+        state = distributed.broadcast(self.config, mine)
         self.model.load_state_dict(state["state_dict"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.start_epoch = state["epoch"] + 1
