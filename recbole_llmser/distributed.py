@@ -114,6 +114,8 @@ def init_process_group(final: dict) -> None:
     final["single_spec"] = False
     if on_gpu:
         torch.cuda.set_device(local)
+    elif "OMP_NUM_THREADS" not in os.environ:  # this host's cores shared by its processes (torchrun sets it itself)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(final["nproc"]))))
     if local + offset != 0:
         final["state"] = "error"
         final["show_progress"] = False
