@@ -65,9 +65,14 @@ def helper_fingerprint(helper, sequences) -> str:
 
 def _helper_dataset(dataset, helper, sequences, users):
     """A copy of the (unbuilt) main dataset whose interactions are ``sequences`` (same id remapping)."""
-    rows = [(u, i, t) for u, seq in zip(users, sequences) for t, i in enumerate(seq)]
-    df = pd.DataFrame(rows, columns=[dataset.uid_field, dataset.iid_field, dataset.time_field])
-    df = df.astype({dataset.uid_field: np.int64, dataset.iid_field: np.int64, dataset.time_field: np.float32})
+    lengths = np.fromiter((len(seq) for seq in sequences), dtype=np.int64, count=len(sequences))
+    starts = np.cumsum(lengths) - lengths  # one row per (user, position), built with numpy: no per-item tuples
+    df = pd.DataFrame({
+        dataset.uid_field: np.repeat(np.asarray(users, dtype=np.int64), lengths),
+        dataset.iid_field: np.concatenate([np.asarray(seq, dtype=np.int64) for seq in sequences]
+                                          + [np.empty(0, np.int64)]),
+        dataset.time_field: (np.arange(int(lengths.sum())) - np.repeat(starts, lengths)).astype(np.float32),
+    })
     ds = dataset.copy(df)
     # RecBole's sequential presets write into these dicts; the copy must not change the main dataset's.
     ds.field2type, ds.field2source, ds.field2seqlen = (

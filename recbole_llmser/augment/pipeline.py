@@ -64,7 +64,7 @@ from recbole_llmser.augment.presentation import LLM_AUG_KEYS, echo_rates, warn_i
 from recbole_llmser.augment.prompts import ARV_TEMPLATE_VERSION, SNF_TEMPLATE_VERSION
 from recbole_llmser.schema import AUG_KEYS
 from recbole_llmser.sequences import dataset_prefixes
-from recbole_llmser.utils import atomic_write_json, atomic_write_text, content_hash
+from recbole_llmser.utils import atomic_file, atomic_write_json, content_hash
 
 ARTIFACT = "artifact.jsonl"
 SUMMARY = "summary.json"
@@ -128,6 +128,7 @@ def _run_augmentation(config, dataset, dry_run):
     if dry_run:
         return _dry_run(ctx, requests, items)
     picks, pseudo = snf.run(ctx, items, requests)
+    del requests  # one prompt per selected user: not kept through ARV
     timings["snf"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -135,9 +136,8 @@ def _run_augmentation(config, dataset, dry_run):
     timings["arv"] = time.monotonic() - t
 
     artifact = out_dir / ARTIFACT
-    lines = _records(ctx, items, picks, pseudo, verification, source)
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(artifact, "\n".join(lines) + ("\n" if lines else ""))
+    write_artifact(artifact, _records(ctx, items, picks, pseudo, verification, source))
     timings["total"] = time.monotonic() - start
     _write_summary(ctx, out_dir, len(pseudo), verification, reasked, timings, source)
     return artifact
@@ -205,18 +205,27 @@ def _dry_run(ctx: StageContext, snf_requests, ccg_candidates) -> None:
     return None
 
 
-def _records(ctx: StageContext, candidates, picks, pseudo: dict, verification: arv.Verification, source=None) -> list:
-    """One JSON line per augmented row of ``pseudo`` (``source``: a baseline's, see :func:`_record`)."""
+def write_artifact(path, lines) -> None:
+    """Write the JSON ``lines`` (any iterable, consumed once), each followed by a newline, to ``path`` through a
+    temp file and a rename; the records are streamed, never joined into one string."""
+    with atomic_file(path) as f:
+        for line in lines:
+            f.write(line)
+            f.write("\n")
+
+
+def _records(ctx: StageContext, candidates, picks, pseudo: dict, verification: arv.Verification, source=None):
+    """One JSON line per augmented row of ``pseudo``, yielded in row order (``source``: a baseline's, see
+    :func:`_record`)."""
     config, tok = ctx.config, ctx.item_token
     beta, threshold = float(config["aug_decay_beta"]), int(config["aug_decay_threshold"])
     m = int(config["aug_num_pseudo"])
     predicted = verification.predicted
-    lines = []
     for row, items in pseudo.items():
         i = ctx.rows[row]
         prefix = ctx.prefixes[i]
         w = verification.weights[row]
-        lines.append(json.dumps(_record(
+        yield json.dumps(_record(
             user=ctx.user_token(i), pseudo=[tok(x) for x in items], cands=[tok(x) for x in candidates[row]],
             snf_order=None if config["snf_mode"] == "random" else [tok(candidates[row][x]) for x in picks[row][:m]],
             masked=tok(prefix[-1]) if row in predicted else None,
@@ -226,8 +235,7 @@ def _records(ctx: StageContext, candidates, picks, pseudo: dict, verification: a
             arv_status="verified" if row in predicted else ("mean" if config["arv_weight"] is None else "constant"),
             tokens=ctx.tokens.get(i), llm_failed=[stage for stage in LLM_STAGES if i in ctx.failed[stage]],
             llm=_llm_fields(ctx, i), source=source and source["kind"],
-        ), ensure_ascii=False))
-    return lines
+        ), ensure_ascii=False)
 
 
 def _llm_fields(ctx: StageContext, user) -> dict | None:
