@@ -23,15 +23,16 @@ def duration(seconds: float) -> str:
 
 
 class Progress:
-    """``update(n)`` as work is done, ``close()`` at the end (or use it as a context manager)."""
+    """``update(n)`` as work is done, ``close()`` at the end (or use it as a context manager). ``total`` None: not
+    known in advance (a stream); the bar and the heartbeat then show the count and the rate, no time left."""
 
-    def __init__(self, total: int, desc: str, show_progress: bool, unit: str = "it", min_total: int = 0,
+    def __init__(self, total: int | None, desc: str, show_progress: bool, unit: str = "it", min_total: int = 0,
                  heartbeat_s: float = HEARTBEAT_S, clock=time.monotonic):
-        self.total, self.desc, self.unit, self.clock = int(total), desc, unit, clock
+        self.total, self.desc, self.unit, self.clock = None if total is None else int(total), desc, unit, clock
         self.done, self.heartbeat_s, self.beats = 0, heartbeat_s, 0
         self.start = self.last = clock()
         self.bar = None
-        if show_progress and self.total >= min_total:
+        if show_progress and (self.total is None or self.total >= min_total):
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, desc=desc, unit=unit, ncols=100, leave=False)
@@ -50,6 +51,8 @@ class Progress:
         """The heartbeat line: ``<desc>: <done>/<total> <unit> (<pct>), <rate>/s, about <left> left``."""
         elapsed = max(now - self.start, 1e-9)
         rate = self.done / elapsed
+        if self.total is None:
+            return f"{self.desc}: {self.done} {self.unit}, {rate:.1f} {self.unit}/s"
         left = (self.total - self.done) / rate if rate > 0 else float("inf")
         pct = f" ({100 * self.done / self.total:.0f} %)" if self.total else ""
         eta = f", about {duration(left)} left" if left != float("inf") else ""

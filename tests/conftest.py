@@ -108,3 +108,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def spy_llm_requests(monkeypatch) -> list:
+    """``(cache key, request)`` of every request the LLM client is asked, in the order it reads them (the pipeline
+    streams its requests through :meth:`LLMClient.stream`; :meth:`LLMClient.run` goes through the same stream)."""
+    from recbole_llmser.augment.llm import LLMClient
+
+    asked = []
+    original = LLMClient._answers
+
+    def spy(self, requests, *args, **kwargs):
+        def seen(requests):
+            for request in requests:
+                asked.append((self.key(request), request))
+                yield request
+
+        return original(self, seen(requests), *args, **kwargs)
+
+    monkeypatch.setattr(LLMClient, "_answers", spy)
+    return asked
+

@@ -40,6 +40,18 @@ naming ``response_format``, and accepts ``json_object`` and plain text, as llama
 answers every chat request with that HTTP error; ``include_usage=False`` leaves ``usage`` out. 429 and 500
 answers carry ``retry-after-ms`` (``retry_after_ms``) so clients retry fast. Every request is recorded
 (``records``: method, path, headers, body, fate).
+
+Concurrency: ``in_flight`` chat requests are being answered now, ``max_in_flight`` at most so far (``reset``
+clears it). ``hold_until = n`` holds every chat request until n are in flight at once (then lets all of them
+and every later one through), or ``hold_timeout`` seconds passed: a test sees whether a client really has n
+calls in flight, without timing anything. Up to 1024 connections may wait to be accepted.
+
+Run on its own (benchmarks: a separate process, as a real endpoint is)::
+
+    python -m tests.llm_server --latency=0.5      # prints its base URL, serves until stdin closes
+
+It then also answers ``GET /v1/stats`` (``{"chat_calls", "in_flight", "max_in_flight"}``) and
+``POST /v1/stats/reset`` (forgets the recorded requests and the high-water mark).
 """
 
 from __future__ import annotations
@@ -114,8 +126,13 @@ class FakeLLMServer:
         self.force_status = None
         self.include_usage = True
         self.records: list[Record] = []
+        self.in_flight = self.max_in_flight = 0
+        self.hold_until = 0
+        self.hold_timeout = 30.0
+        self.stats_routes = False  # GET /v1/stats, POST /v1/stats/reset (the command line turns them on)
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
+        self._company = threading.Condition(self._lock)
         self._chat_count = 0
         self._alternate = {"malformed": 0, "hallucinate": 0}
         self._httpd = None
@@ -158,11 +175,33 @@ class FakeLLMServer:
             return [r.body for r in self.records if r.path == "/v1/chat/completions"]
 
     def reset(self) -> None:
-        """Forget the recorded requests (knobs are kept)."""
+        """Forget the recorded requests and the most requests in flight (knobs are kept)."""
         with self._lock:
             self.records.clear()
+            self.max_in_flight = self.in_flight
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"chat_calls": sum(r.path == "/v1/chat/completions" for r in self.records),
+                    "in_flight": self.in_flight, "max_in_flight": self.max_in_flight}
 
     # ----- behaviour ---------------------------------------------------------------------------------------
+    def enter(self) -> None:
+        """A chat request starts: count it, and hold it while ``hold_until`` is not reached."""
+        with self._company:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            if self.hold_until:
+                if self.in_flight >= self.hold_until:
+                    self.hold_until = 0
+                    self._company.notify_all()
+                else:
+                    self._company.wait_for(lambda: not self.hold_until, timeout=self.hold_timeout)
+
+    def leave(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
     def record(self, method: str, path: str, headers, body) -> Record:
         rec = Record(method, path, {k.lower(): v for k, v in headers.items()}, body)
         with self._lock:
@@ -283,7 +322,8 @@ def _want(body: dict, prompt: str, n: int) -> int:
 
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
-    request_queue_size = 128  # the default backlog (5) drops connections under 32 concurrent clients
+    # the default backlog (5) drops connections under 32 concurrent clients; 256 connect at once
+    request_queue_size = 1024
 
     def handle_error(self, request, client_address):  # a client that hung up is not an error here
         pass
@@ -291,6 +331,7 @@ class _Server(ThreadingHTTPServer):
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # else the body, written after the headers, waits for the client's delayed ACK
 
     def log_message(self, format, *args):  # quiet
         pass
@@ -306,6 +347,8 @@ class _Handler(BaseHTTPRequestHandler):
         return self.server.app
 
     def do_GET(self):
+        if self.app.stats_routes and self.path == "/v1/stats":
+            return self._json(200, self.app.stats())
         self.app.record("GET", self.path, self.headers, None)
         if self.path.rstrip("/") == "/v1/models":
             self._json(200, {"object": "list", "data": [
@@ -319,11 +362,18 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw or b"{}")
         except ValueError:
             body = raw.decode("utf-8", "replace")
+        if self.app.stats_routes and self.path == "/v1/stats/reset":
+            self.app.reset()
+            return self._json(200, self.app.stats())
         rec = self.app.record("POST", self.path, self.headers, body)
         if not isinstance(body, dict):
             self._json(400, {"error": {"message": "body is not a JSON object", "type": "invalid_request_error"}})
         elif self.path == "/v1/chat/completions":
-            self._chat(body, rec)
+            self.app.enter()
+            try:
+                self._chat(body, rec)
+            finally:
+                self.app.leave()
         elif self.path == "/v1/embeddings":
             self._embeddings(body)
         else:
@@ -387,3 +437,28 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(payload)
         self.wfile.flush()
+
+
+def main(argv=None) -> None:
+    """``python -m tests.llm_server [--latency=S] [--port=N]``: serve until stdin closes (or the process is ended);
+    the first line on stdout is the base URL."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per chat request")
+    parser.add_argument("--port", type=int, default=0, help="0: a free port")
+    args = parser.parse_args(argv)
+    server = FakeLLMServer(latency=args.latency)
+    server.stats_routes = True
+    server._httpd = _Server(("127.0.0.1", args.port), _Handler)
+    server._httpd.app = server
+    thread = threading.Thread(target=server._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    print(server.base_url, flush=True)
+    sys.stdin.read()  # until the parent closes it or ends
+    server._httpd.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 
 from recbole_llmser import helper_models
-from recbole_llmser.augment.llm import LLMClient
 from recbole_llmser.cli import main
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.quick_start import run
 from recbole_llmser.sequences import user_sequences
-from tests.conftest import tiny_config_dict, write_tiny_dataset
+from tests.conftest import spy_llm_requests, tiny_config_dict, write_tiny_dataset
 from tests.llm_server import FakeLLMServer
 
 SECRET = "sk-test-SECRET-4242"
@@ -59,15 +58,7 @@ def test_offline_backend(tiny_data, tmp_cwd):
 
 def test_llm_backend_cached_rerun_faults_and_secrets(tiny_data, tmp_cwd, monkeypatch, caplog):
     data, sequences = tiny_data
-    seen, keys = [], []
-    original = LLMClient.run
-
-    def spy(self, requests, desc="LLM"):
-        seen.extend(requests)
-        keys.extend((self.key(r), r.id) for r in requests)
-        return original(self, requests, desc)
-
-    monkeypatch.setattr(LLMClient, "run", spy)
+    asked = spy_llm_requests(monkeypatch)
     with FakeLLMServer(injection="every") as server:
         server.rate_refusal, server.rate_hallucinate, server.rate_malformed = 0.1, 0.1, 0.05
         llm = dict(llm_base_url=server.base_url, llm_api_key=SECRET, llm_model="fake-llm")
@@ -88,19 +79,20 @@ def test_llm_backend_cached_rerun_faults_and_secrets(tiny_data, tmp_cwd, monkeyp
         # changes (ARV's candidates follow the kept pseudo items, so a retried SNF call may change its prompt)
         (cache_file,) = tmp_cwd.rglob("llm_cache.jsonl")
         cached = {json.loads(line)["key"] for line in cache_file.read_text().splitlines()}
-        failed_ids = [rid for key, rid in dict(keys).items() if key not in cached]
+        failed_ids = [request.id for key, request in dict(asked).items() if key not in cached]
         failed_snf = {rid.split(":", 1)[1] for rid in failed_ids if rid.startswith("snf:")}
         failed_arv = {rid.split(":", 1)[1] for rid in failed_ids if rid.startswith("arv:")}
         assert len(failed_snf) + len(failed_arv) == failed
         path.unlink()
         server.rate_refusal = server.rate_hallucinate = server.rate_malformed = 0.0
-        del keys[:]
+        seen = [request for _, request in asked]  # every prompt of the first run (the leakage check below)
+        del asked[:]
         _, records2, summary2 = _augment(data, **llm)
-        asked = {key: rid for key, rid in keys if key not in cached}
-        assert server.calls() == 2 * len(sequences) + len(asked)
-        assert summary2["llm"]["cache_hits"] == 2 * len(sequences) - len(asked)
-        assert {rid.split(":", 1)[1] for rid in asked.values() if rid.startswith("snf:")} == failed_snf
-        asked_arv = {rid.split(":", 1)[1] for rid in asked.values() if rid.startswith("arv:")}
+        again = {key: request.id for key, request in asked if key not in cached}
+        assert server.calls() == 2 * len(sequences) + len(again)
+        assert summary2["llm"]["cache_hits"] == 2 * len(sequences) - len(again)
+        assert {rid.split(":", 1)[1] for rid in again.values() if rid.startswith("snf:")} == failed_snf
+        asked_arv = {rid.split(":", 1)[1] for rid in again.values() if rid.startswith("arv:")}
         assert failed_arv <= asked_arv <= failed_arv | failed_snf
         _check_records(records2, sequences, 8)
 
@@ -134,19 +126,6 @@ def _recbole_log_file():
         root.setLevel(level)
 
 
-def _spy_requests(monkeypatch):
-    """Record (cache key, request id) of every request the LLM client is asked, in order."""
-    asked = []
-    original = LLMClient.run
-
-    def spy(self, requests, desc="LLM"):
-        asked.extend((self.key(r), r.id) for r in requests)
-        return original(self, requests, desc)
-
-    monkeypatch.setattr(LLMClient, "run", spy)
-    return asked
-
-
 def _cached_keys(root):
     (cache_file,) = Path(root).rglob("llm_cache.jsonl")
     return {json.loads(line)["key"] for line in cache_file.read_text().splitlines()}
@@ -159,7 +138,7 @@ def _users(pairs, stage):
 
 def test_failed_llm_calls_are_listed_then_reasked_when_the_endpoint_is_back(tiny_data, tmp_cwd, monkeypatch):
     data, sequences = tiny_data
-    asked = _spy_requests(monkeypatch)
+    asked = spy_llm_requests(monkeypatch)
     with FakeLLMServer(injection="sticky") as server:
         server.rate_500 = 0.25  # the same prompts fail on every attempt: the client's own retries cannot help
         llm = dict(llm_base_url=server.base_url, llm_model="fake-llm")
@@ -168,7 +147,7 @@ def test_failed_llm_calls_are_listed_then_reasked_when_the_endpoint_is_back(tiny
         assert failed["snf"] and failed["arv"] and summary["llm_reasked_users"] == 0
         assert {kind for users in summary["llm_failed"].values() for kind in users.values()} == {"server"}
         cached = _cached_keys(tmp_cwd)  # failed calls are not cached: the listed users are exactly theirs
-        not_cached = [(key, rid) for key, rid in asked if key not in cached]
+        not_cached = [(key, request.id) for key, request in asked if key not in cached]
         assert _users(not_cached, "snf") == failed["snf"] and _users(not_cached, "arv") == failed["arv"]
         by_user = {r["user_id"]: r for r in records}
         assert set(by_user) == set(sequences)  # snf_fallback: ccg_order keeps every user
@@ -184,7 +163,7 @@ def test_failed_llm_calls_are_listed_then_reasked_when_the_endpoint_is_back(tiny
         n_failed = len(failed["snf"] | failed["arv"])
         with _recbole_log_file():
             _augment(data, state="INFO", **llm)
-        new = {key: rid for key, rid in asked if key not in cached}
+        new = {key: request.id for key, request in asked if key not in cached}
         assert server.calls() == len(new) and 0 < len(new) < len(asked)
         assert _users(new.items(), "snf") == failed["snf"]
         assert failed["arv"] <= _users(new.items(), "arv") <= failed["arv"] | failed["snf"]

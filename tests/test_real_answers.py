@@ -17,6 +17,7 @@ from recbole_llmser.augment.matching import match_answer
 from recbole_llmser.augment.pipeline import augmentation_dir
 from recbole_llmser.augment.presentation import LLM_AUG_KEYS, Shown, is_echo, presentation_order, show
 from recbole_llmser.schema import AUG_KEYS, PROPS
+from tests.conftest import spy_llm_requests
 from tests.llm_server import FakeLLMServer
 from tests.test_augment import _augment, _check_records
 from tests.test_llm import K, candidate_titles, make_settings, snf_requests
@@ -35,19 +36,6 @@ def title(token: str) -> str:
 
 def number(token: str) -> int:
     return int(token[1:])
-
-
-def spy_requests(monkeypatch) -> dict:
-    """request id -> the request, for every request the LLM client is asked."""
-    asked = {}
-    original = LLMClient.run
-
-    def spy(self, requests, desc="LLM"):
-        asked.update((r.id, r) for r in requests)
-        return original(self, requests, desc)
-
-    monkeypatch.setattr(LLMClient, "run", spy)
-    return asked
 
 
 def shown_titles(request) -> list:
@@ -233,14 +221,14 @@ def test_shuffled_candidates_are_mapped_back_exactly(tiny_data, tmp_cwd, monkeyp
     artifact must hold the same items whatever the order shown, and each record's ``presented`` list must be the
     prompt's candidate list."""
     data, sequences = tiny_data
-    asked = spy_requests(monkeypatch)
+    asked = spy_llm_requests(monkeypatch)
     runs = {}
     with FakeLLMServer() as server:
         server.answer_order = "highest_number"
         for shuffle in (True, False):
             asked.clear()
             path, records, summary = _augment(data, llm_shuffle_candidates=shuffle, **llm_props(server))
-            runs[shuffle] = (path, {r["user_id"]: r for r in records}, dict(asked), summary)
+            runs[shuffle] = (path, {r["user_id"]: r for r in records}, {r.id: r for _, r in asked}, summary)
     assert runs[True][0] != runs[False][0]  # the LLM backend's folder hash includes the property
     assert runs[True][3]["settings"]["llm_shuffle_candidates"] is True
     moved = 0

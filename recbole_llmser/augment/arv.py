@@ -43,7 +43,8 @@ def reliability(predicted: int, masked: int, similarity: float) -> float:
 
 
 def decayed_weight(w: float, n_pseudo: int, n_train: int, threshold: int, n_pseudo_max: int, beta: float) -> float:
-    """w̃_u = β·w_u when |P_u ⊕ S_u| = n_pseudo + n_train exceeds T + M (long users lean on real data), else w_u."""
+    """w̃_u = β·w_u when |P_u ⊕ S_u| = n_pseudo + n_train exceeds T + M (long users lean on real data),
+    else w_u."""
     return float(beta * w) if n_pseudo + n_train > threshold + n_pseudo_max else float(w)
 
 
@@ -75,9 +76,9 @@ def run(ctx: StageContext, pseudo: dict) -> Verification:
     candidates = score_top_k(ctx.forward, histories, exclude, n_arv, int(config["eval_batch_size"]), "ARV",
                              bool(config["show_progress"])) if rows else np.zeros((0, n_arv), int)
     if ctx.client is not None and rows:
-        requests = [request(ctx.user_token(users[row]), ctx.titles(ctx.history(users[row], drop_last=True)),
+        requests = (request(ctx.user_token(users[row]), ctx.titles(ctx.history(users[row], drop_last=True)),
                             ctx.titles(ctx.show("arv", users[row], candidates[j])), n_arv)
-                    for j, row in enumerate(rows)]
+                    for j, row in enumerate(rows))  # streamed to the LLM, made as it reads them
         picks = ask(ctx, "ARV", requests, [users[row] for row in rows], 1, 1, fallback="ccg_order")
         picked = [p[0] for p in picks]
     elif ctx.backend == "offline":
@@ -102,12 +103,12 @@ def request(user: str, history_titles, cand_titles, n_arv: int) -> LLMRequest:
                       expected_completion_tokens=expected_answer_tokens(1))
 
 
-def dry_run_requests(ctx: StageContext, ccg_candidates: np.ndarray) -> list:
+def dry_run_requests(ctx: StageContext, ccg_candidates: np.ndarray):
     """The ARV requests a dry run counts: ARV's candidates come from P_u, which only SNF's answers give, so CCG's
     top ``arv_num_candidates`` stand in for them."""
     if ctx.config["arv_weight"] is not None:
         return []
     n_arv = int(ctx.config["arv_num_candidates"])
-    return [request(ctx.user_token(i), ctx.titles(ctx.history(i, drop_last=True)),
+    return (request(ctx.user_token(i), ctx.titles(ctx.history(i, drop_last=True)),
                     ctx.titles(ctx.show("arv", i, ccg_candidates[row][:n_arv])), n_arv)
-            for row, i in enumerate(ctx.rows) if len(ctx.prefixes[i]) >= 2]
+            for row, i in enumerate(ctx.rows) if len(ctx.prefixes[i]) >= 2)

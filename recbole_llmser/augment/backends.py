@@ -210,40 +210,61 @@ def ask(ctx: StageContext, stage: str, requests, users, want: int, keep: int, fa
     ``snf.py``), while a single echoed pick (ARV) is kept (see ``arv.py``). Adds each call's tokens and prompt hash
     to ``ctx.tokens[user]``, whether its answer was an echo to ``ctx.answered[stage][user]``, and the error kind of
     each call that failed (:attr:`~recbole_llmser.augment.llm.LLMResult.retryable`) to ``ctx.failed[stage][user]``;
-    logs the stage's echo rate."""
+    logs the stage's echo rate.
+
+    ``requests`` may be a generator (one request per user, in ``users`` order): an LLM client streams it
+    (:meth:`~recbole_llmser.augment.llm.LLMClient.stream`), so at most a few times ``llm_concurrency`` prompts exist
+    at once, and each answer is matched as soon as it comes; a client without ``stream`` (LM scoring) gets the
+    list."""
     name = stage.lower()
-    status, failed, answered = ctx.status[f"{name}_status"], ctx.failed[name], ctx.answered[name]
+    policy = fallback or ctx.config["snf_fallback"]
+    generates = getattr(ctx.client, "generates", True)
+    picks = [None] * len(users)
     try:
-        results = ctx.client.run(requests, desc=stage)
+        for index, request, result in _answers(ctx.client, requests, stage, len(users)):
+            if result is None:  # not started (budget, fatal error): the client raises once the stream ends
+                continue
+            picks[index] = _pick(ctx, name, users[index], request, result, want, keep, policy, generates)
     except BudgetExceeded as err:
         raise LLMSeRError(
             f"LLM token budget llm_budget_tokens={err.budget} spent during {stage} ({err.finished} calls finished "
             f"and cached); re-run with a larger --llm_budget_tokens to resume"
         ) from None
-    policy = fallback or ctx.config["snf_fallback"]
-    generates = getattr(ctx.client, "generates", True)
-    picks = []
-    for request, result, user in zip(requests, results, users):
-        used = ctx.tokens.setdefault(user, [0, 0, []])
-        used[0] += result.prompt_tokens or 0
-        used[1] += result.completion_tokens or 0
-        used[2].append(ctx.client.key(request)[:16])
-        shown = ctx.shown[name][user]
-        if result.ok:
-            match = _presented_match(ctx, result.text, shown, want, generates)
-            if generates:
-                answered[user] = match.status == "echo"
-        else:
-            match = match_answer("", ctx.titles(shown.items), want)
-            status[f"error:{result.error_kind}"] = status.get(f"error:{result.error_kind}", 0) + 1
-            if result.retryable:
-                failed[user] = result.error_kind
-        status[match.status] = status.get(match.status, 0) + 1
-        filled = apply_fallback(match, len(shown.items), keep, policy)
-        picks.append(None if filled is None else list(filled.indices))
-    if answered:
-        getLogger().info(echo_line(stage, echo_rates({name: answered})[name]))
+    if ctx.answered[name]:
+        getLogger().info(echo_line(stage, echo_rates({name: ctx.answered[name]})[name]))
     return picks
+
+
+def _answers(client, requests, stage: str, total: int):
+    """``(index, request, result)`` per request, as the answers come (a streaming client) or in order."""
+    if hasattr(client, "stream"):
+        yield from client.stream(requests, desc=stage, total=total)
+        return
+    requests = list(requests)
+    yield from zip(range(len(requests)), requests, client.run(requests, desc=stage))
+
+
+def _pick(ctx: StageContext, name: str, user: int, request, result, want: int, keep: int, policy: str,
+          generates: bool):
+    """One answer of :func:`ask`: its tokens and status counted; its picks (candidate indices), or None."""
+    status = ctx.status[f"{name}_status"]
+    used = ctx.tokens.setdefault(user, [0, 0, []])
+    used[0] += result.prompt_tokens or 0
+    used[1] += result.completion_tokens or 0
+    used[2].append(ctx.client.key(request)[:16])
+    shown = ctx.shown[name][user]
+    if result.ok:
+        match = _presented_match(ctx, result.text, shown, want, generates)
+        if generates:
+            ctx.answered[name][user] = match.status == "echo"
+    else:
+        match = match_answer("", ctx.titles(shown.items), want)
+        status[f"error:{result.error_kind}"] = status.get(f"error:{result.error_kind}", 0) + 1
+        if result.retryable:
+            ctx.failed[name][user] = result.error_kind
+    status[match.status] = status.get(match.status, 0) + 1
+    filled = apply_fallback(match, len(shown.items), keep, policy)
+    return None if filled is None else list(filled.indices)
 
 
 def _presented_match(ctx: StageContext, text: str, shown: Shown, want: int, generates: bool = True):

@@ -337,14 +337,19 @@ class LMScoreClient:
         entry = self.cache.get(self.key(request))
         return None if entry is None else json.loads(entry["text"])
 
-    def estimate(self, requests: list) -> DryRunEstimate:
-        """A dry run: the requests the LM would score (not in the cache), tokens approximated by characters / 4
-        (the LM is not loaded); nothing costs money."""
-        keys = [self.key(r) for r in requests]
-        misses = {k: r for k, r in zip(keys, requests) if k not in self.cache}
-        chars = sum(len(p) + sum(len(c) for c in cs) for p, cs in map(self.parts, misses.values()))
+    def estimate(self, requests) -> DryRunEstimate:
+        """A dry run: the requests (any iterable, read once) the LM would score (not in the cache), tokens
+        approximated by characters / 4 (the LM is not loaded); nothing costs money."""
+        n, misses, chars = 0, set(), 0
+        for request in requests:
+            n += 1
+            key = self.key(request)
+            if key not in self.cache and key not in misses:
+                misses.add(key)
+                prompt, candidates = self.parts(request)
+                chars += len(prompt) + sum(len(c) for c in candidates)
         return DryRunEstimate(model=self.scorer.label, token_method="characters / 4 (lm_score, LM not loaded)",
-                              requests=len(requests), cached=len(requests) - len(misses), calls=len(misses),
+                              requests=n, cached=n - len(misses), calls=len(misses),
                               prompt_tokens=chars // 4, completion_tokens_expected=0, completion_tokens_max=0,
                               cost_expected_usd=0.0, cost_max_usd=0.0, max_tokens=0, budget_tokens=None)
 

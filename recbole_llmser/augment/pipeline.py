@@ -124,11 +124,10 @@ def _run_augmentation(config, dataset, dry_run):
 
     t = time.monotonic()
     items, source = _baseline_candidates(ctx, out_dir.parent) if baseline else (candidates.items, None)
-    requests = snf.llm_requests(ctx, items)
+    requests = snf.llm_requests(ctx, items)  # a generator: the LLM client streams it
     if dry_run:
         return _dry_run(ctx, requests, items)
     picks, pseudo = snf.run(ctx, items, requests)
-    del requests  # one prompt per selected user: not kept through ARV
     timings["snf"] = time.monotonic() - t
 
     t = time.monotonic()
@@ -283,7 +282,8 @@ def _write_summary(ctx: StageContext, out_dir, augmented: int, verification, rea
         "augmented_users": augmented, "skipped_users": len(ctx.rows) - augmented,
         "verified_users": verification.verified, "mean_w": verification.mean_w,
         "snf_mode": config["snf_mode"], "arv_weight": config["arv_weight"],
-        "llm": ctx.client.stats.as_dict() if ctx.client else None, **ctx.status,
+        "llm": ctx.client.stats.as_dict() if ctx.client else None,
+        **{stage: dict(sorted(counts.items())) for stage, counts in ctx.status.items()},  # answers come in any order
         "llm_failed": {stage: {ctx.user_token(i): kind for i, kind in sorted(failed.items())}
                        for stage, failed in ctx.failed.items()},
         "llm_reasked_users": reasked,

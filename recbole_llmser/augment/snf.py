@@ -73,21 +73,22 @@ def random_pseudo_items(n_items: int, prefixes, m: int, seed: int) -> list:
 
 
 # ----- the stage --------------------------------------------------------------------------------------------
-def llm_requests(ctx: StageContext, candidates: np.ndarray) -> list:
-    """One LLM request per selected user (``candidates``: CCG's or a baseline's pool, one row per selected user);
-    none when SNF does not ask the LLM (another backend, or a mode that does not pick)."""
+def llm_requests(ctx: StageContext, candidates: np.ndarray):
+    """One LLM request per selected user (``candidates``: CCG's or a baseline's pool, one row per selected user),
+    made as it is read (a generator, read once: by SNF, which streams it to the LLM, or by a dry run); none when
+    SNF does not ask the LLM (another backend, or a mode that does not pick)."""
     if ctx.client is None or ctx.config["snf_mode"] not in PICKING_MODES:
-        return []
+        return iter(())
     k = int(ctx.config["snf_num_picks"])
-    return [  # CCG always gives K candidates; a baseline's pool may hold fewer
+    return (  # CCG always gives K candidates; a baseline's pool may hold fewer
         LLMRequest(id=f"snf:{ctx.user_token(i)}", template_version=SNF_TEMPLATE_VERSION,
                    messages=snf_messages(ctx.titles(ctx.history(i)), ctx.titles(shown), k),
                    schema=snf_schema(k, len(shown)), expected_completion_tokens=expected_answer_tokens(k))
         for row, i in enumerate(ctx.rows) for shown in [ctx.show("snf", i, candidates[row])]
-    ]
+    )
 
 
-def run(ctx: StageContext, candidates: np.ndarray, requests: list) -> tuple:
+def run(ctx: StageContext, candidates: np.ndarray, requests) -> tuple:
     """``(picks, pseudo)``: per row the picked candidate indices (None: skipped by ``snf_fallback``), and
     ``{row: P_u in sequence order}`` for the users that are augmented."""
     config = ctx.config
