@@ -2,6 +2,7 @@
 
     python benchmarks/augment_quality.py --users=2000             # amazon-beauty
     python benchmarks/augment_quality.py --users=2000 --lm_users=500  # lm_score (and an LLM) on a 500-user subset
+    python benchmarks/augment_quality.py --dataset=amazon-fashion-ids --users=2000  # no item text: text-free backends
 
 Only training prefixes are read (the sequence minus its validation and test items). Users with at least 4 training
 items are sampled (``--users``, seeded); for each, with training prefix s1 .. sn:
@@ -18,10 +19,14 @@ items are sampled (``--users``, seeded); for each, with training prefix s1 .. sn
 
 Both helpers are trained on the training prefixes of every user, the sampled users' with s1 and sn removed, so
 neither the hidden s1 nor m_u of a sampled user is ever a training input or target. Every backend sees the same
-users and candidates: random pick (seeded), CCG order (ARV: the forward helper's order), the offline embedding
-stand-in (``offline``), ``lm_score`` (``lm_score_model``, default SmolLM2-135M) and, when ``OPENAI_BASE_URL`` is
-set, the OpenAI-compatible endpoint (``llm_model``). lm_score and the LLM answer through the pipeline's own
-``backends.ask``, the stand-in through its ranker.
+users and candidates: random pick (seeded), CCG order (ARV: the forward helper's order), the text-free ``model``
+backend (what the pipeline uses for a dataset without item text: SNF orders the candidates by the forward helper's
+score after the history, ``snf.run``/``snf.model_rank``; ARV takes the forward helper's top candidate, ``arv.run``,
+so its ARV row equals CCG order's), the offline embedding stand-in (``offline``), ``lm_score`` (``lm_score_model``,
+default SmolLM2-135M) and, when ``OPENAI_BASE_URL`` is set, the OpenAI-compatible endpoint (``llm_model``).
+lm_score and the LLM answer through the pipeline's own ``backends.ask``, the stand-in through its ranker. On a
+dataset without item text (``item_text_field`` unset, e.g. ``amazon-fashion-ids``) the offline stand-in, lm_score and
+the LLM need titles and are skipped (the output says so); random pick, CCG order and ``model`` still run.
 
 A user whose candidates do not hold the hidden item is a miss for every backend, whatever it answers, so lm_score
 and the LLM (slow) are asked only for the users whose candidates hold it: their recall and accuracy over all
@@ -76,6 +81,7 @@ class Setup:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="amazon-beauty")
+    parser.add_argument("--data_path", default=None, help="folder holding <dataset>/ (default: the bundled dataset/)")
     parser.add_argument("--users", type=int, default=2000, help="sampled users with >= 4 training items")
     parser.add_argument("--lm_users", type=int, default=None,
                         help="lm_score / LLM on a seeded subset of this many of them (default: all)")
@@ -86,6 +92,8 @@ def parse_args(argv):
     parser.add_argument("--lm_score_model", default="smollm2")
     parser.add_argument("--lm_score_dtype", default="float32")
     parser.add_argument("--llm_model", default=os.environ.get("OPENAI_MODEL", "gpt-4o-mini"))
+    parser.add_argument("--llm_concurrency", type=int, default=8, help="calls in flight (1 for a one-slot server)")
+    parser.add_argument("--llm_timeout", type=float, default=60, help="seconds per request attempt")
     parser.add_argument("--workdir", default=str(REPO / "saved" / "augment_quality"),
                         help="helpers, embeddings and the LM-score cache (reused by a later run)")
     parser.add_argument("--show_progress", action="store_true")
@@ -100,6 +108,8 @@ def build_setup(args, say) -> Setup:
         "ccg_max_len": args.ccg_max_len, "checkpoint_dir": args.workdir,
         "show_progress": args.show_progress, "state": "WARNING", "use_gpu": False,
         "lm_score_model": args.lm_score_model, "lm_score_dtype": args.lm_score_dtype, "llm_model": args.llm_model,
+        "llm_concurrency": args.llm_concurrency, "llm_timeout": args.llm_timeout,
+        **({"data_path": args.data_path} if args.data_path else {}),
     }, cmd_args=[])
     dataset = create_dataset(config.copy_with(method="none", aug_file=None, train_all_positions=False))
     users, prefixes = dataset_prefixes(config, dataset)
@@ -163,6 +173,10 @@ def snf_orders(setup: Setup, backend: str, ctx, rows) -> list:
     if backend == "ccg":
         return [list(range(n)) for _ in rows]
     users = [setup.rows[j] for j in rows]
+    if backend == "model":  # the pipeline's text-free SNF: snf.run orders the candidates with snf.model_rank
+        ctx.prefixes, ctx.rows = setup.snf_prefixes, users
+        picks, _ = snf.run(ctx, cands[rows], iter(()))
+        return [complete(p[:k], n) for p in picks]
     if backend == "offline":
         return [complete(ctx.ranker.rank(ctx.vectors[ctx.history(i)], ctx.vectors[cands[j]], k), n)
                 for j, i in zip(rows, users)]
@@ -183,12 +197,24 @@ def arv_picks(setup: Setup, backend: str, ctx, rows) -> list:
         return [0 for _ in rows]
     ctx.prefixes = setup.prefixes  # ARV's history: the training prefix before m_u (ctx.history(drop_last=True))
     users = [setup.rows[j] for j in rows]
+    if backend == "model":  # the pipeline's text-free ARV (arv.run, no pseudo items): its pick among the candidates
+        ctx.rows = users
+        predicted = arv.run(ctx, {r: np.zeros(0, dtype=np.int64) for r in range(len(users))}).predicted
+        return [candidate_index(cands[j], predicted[r]) for r, j in enumerate(rows)]
     if backend == "offline":
         return [ctx.ranker.pick(ctx.vectors[ctx.history(i, drop_last=True)], ctx.vectors[cands[j]])
                 for j, i in zip(rows, users)]
     requests = [arv.request(ctx.user_token(i), ctx.titles(ctx.history(i, drop_last=True)),
                             ctx.titles(ctx.show("arv", i, cands[j])), n) for j, i in zip(rows, users)]
     return [p[0] for p in ask(ctx, "ARV", requests, users, 1, 1, fallback="ccg_order")]
+
+
+def candidate_index(candidates, item) -> int:
+    """The position of ``item`` among ``candidates`` (arv.run proposes the same candidates as this benchmark)."""
+    found = [j for j, c in enumerate(candidates) if int(c) == int(item)]
+    if not found:
+        raise RuntimeError(f"ARV picked item {item}, not among the benchmark's candidates {list(candidates)}")
+    return found[0]
 
 
 def covered(setup: Setup, part: str) -> list:
@@ -199,7 +225,7 @@ def covered(setup: Setup, part: str) -> list:
 
 def run_backend(setup: Setup, backend: str, snf_rows, arv_rows) -> dict:
     """SNF orders (users ``snf_rows``, positions in ``setup.rows``) and ARV picks (``arv_rows``) of one backend."""
-    ctx = backend_context(setup, backend) if backend in ("offline", "lm_score", "llm") else None
+    ctx = backend_context(setup, backend) if backend in ("model", "offline", "lm_score", "llm") else None
     start = time.monotonic()
     orders = snf_orders(setup, backend, ctx, snf_rows) if snf_rows else []
     mid = time.monotonic()
@@ -247,7 +273,8 @@ def arv_metrics(setup: Setup, result: dict, rows) -> tuple | None:
 
 
 def label(backend: str, result: dict) -> str:
-    names = {"random": "random pick", "ccg": "CCG order", "offline": "offline stand-in"}
+    names = {"random": "random pick", "ccg": "CCG order", "model": "model (forward helper)",
+             "offline": "offline stand-in"}
     if backend in names:
         return names[backend]
     model = (result["model"] or "").split(" (")[0]
@@ -299,7 +326,12 @@ def main(argv=None):
     snf_in, arv_in = covered(setup, "snf"), covered(setup, "arv")
     say(f"hidden item among the candidates: s1 for {len(snf_in)} of {len(every)} users (SNF), m_u for {len(arv_in)} "
         "(ARV); lm_score and the LLM are asked for those users only (the others are misses whatever they answer)")
-    backends = ["random", "ccg", "offline", "lm_score"] + (["llm"] if os.environ.get("OPENAI_BASE_URL") else [])
+    backends = ["random", "ccg", "model"]
+    if setup.config["item_text_field"]:
+        backends += ["offline", "lm_score"] + (["llm"] if os.environ.get("OPENAI_BASE_URL") else [])
+    else:
+        say(f"{args.dataset} has no item text field (item_text_field unset): offline, lm_score and llm skipped (they "
+            "read item titles); random pick, CCG order and the text-free model backend only")
     results = {}
     for b in backends:
         slow = b in ("lm_score", "llm")
