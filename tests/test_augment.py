@@ -390,3 +390,34 @@ def test_helper_fingerprint_follows_training_settings_not_run_bookkeeping(tiny_d
     helper["learning_rate"] = 0.5
     assert helper_models.helper_fingerprint(helper, sequences) != before
     assert helper_models.helper_fingerprint(helper_models.helper_config(config, "reverse"), sequences[:1]) != before
+
+
+def test_helper_trains_with_a_sampled_loss_from_ccg_model_args(tiny_data, tmp_cwd, monkeypatch):
+    """A large catalogue: ``ccg_model_args`` gives the helpers RecBole's BPR loss with sampled negatives (no
+    O(items) softmax per row), on the all-positions path; CCG still ranks the whole catalogue."""
+    from recbole.model.loss import BPRLoss
+
+    from recbole_llmser import dct
+    from recbole_llmser.config import Config
+    from recbole_llmser.data import create_dataset
+
+    data, _ = tiny_data
+    sampled = {"loss_type": "BPR", "train_neg_sample_args": {"distribution": "uniform", "sample_num": 1}}
+    config = Config("SASRec", "tiny", config_dict=tiny_config_dict(data, **SMALL, ccg_model_args=sampled),
+                    cmd_args=[])
+    dataset = create_dataset(config.copy_with(method="none"))
+    users, seqs = user_sequences(dataset.inter_feat, dataset.uid_field, dataset.iid_field, dataset.time_field)
+    calls = []
+    original = dct.per_row_loss
+
+    def spy(loss_fct, *args):
+        calls.append((type(loss_fct), [tuple(a.shape) for a in args]))
+        return original(loss_fct, *args)
+
+    monkeypatch.setattr(dct, "per_row_loss", spy)
+    model = helper_models.train_helper(config, dataset, list(users), seqs, "reverse", tmp_cwd / "models")
+    assert model.loss_type == "BPR" and calls and all(kind is BPRLoss for kind, _ in calls)
+    # one (positive, negative) score pair per trained prefix position, never a score per catalogue item
+    assert all(len(shapes) == 2 and shapes[0] == shapes[1] and len(shapes[0]) == 1 for _, shapes in calls)
+    assert sum(shapes[0][0] for _, shapes in calls) == sum(len(s) - 1 for s in seqs)
+    assert len(list((tmp_cwd / "models").glob("ccg-reverse-SASRec-*.pth"))) == 1
