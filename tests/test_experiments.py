@@ -84,6 +84,13 @@ def test_shipped_plans_are_valid_and_share_the_common_runs():
     assert m16["overrides"]["snf_num_picks"] >= 16
     sweep_b = sorted(s["x"] for s in abl if s["group"] == "sweep:aug_decay_beta" and s["seed"] == 42)
     assert sweep_b == [0.1, 0.3, 0.5, 0.7, 1.0]
+    # the lm_score plan: its offline rows are the main table's SASRec LLMSeR runs; its own rows differ only in
+    # the backend
+    lm = ex.expand_plan(plans["beauty_lm_score"])
+    offline = {s["id"] for s in lm if s["overrides"]["llm_backend"] == "offline"}
+    assert len(offline) == 3 and offline <= {s["id"] for s in main}
+    scored = [s for s in lm if s["overrides"]["llm_backend"] == "lm_score"]
+    assert {s["seed"] for s in scored} == {42, 43, 44} and not offline & {s["id"] for s in scored}
     smoke = ex.expand_plan(plans["smoke"])
     assert all(s["overrides"]["epochs"] == 1 and s["overrides"]["MAX_ITEM_LIST_LENGTH"] == 20 for s in smoke)
     assert str(ex.results_dir_for(plans["smoke"], "amazon-fashion-ids")) == "results/smoke/amazon-fashion-ids"
