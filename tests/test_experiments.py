@@ -91,6 +91,10 @@ def test_shipped_plans_are_valid_and_share_the_common_runs():
     assert len(offline) == 3 and offline <= {s["id"] for s in main}
     scored = [s for s in lm if s["overrides"]["llm_backend"] == "lm_score"]
     assert {s["seed"] for s in scored} == {42, 43, 44} and not offline & {s["id"] for s in scored}
+    # the preset search: its reference rows (plain, paper defaults) are the main table's runs, all in one group
+    search = ex.expand_plan(plans["beauty_preset_search"])
+    assert len({s["group"] for s in search}) == 1
+    assert len({s["id"] for s in search} & {s["id"] for s in main if s["model"] == "SASRec"}) == 6
     smoke = ex.expand_plan(plans["smoke"])
     assert all(s["overrides"]["epochs"] == 1 and s["overrides"]["MAX_ITEM_LIST_LENGTH"] == 20 for s in smoke)
     assert str(ex.results_dir_for(plans["smoke"], "amazon-fashion-ids")) == "results/smoke/amazon-fashion-ids"
