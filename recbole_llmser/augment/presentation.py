@@ -33,7 +33,7 @@ the echo rate per stage (echoed answers / answers received; failed calls are not
 from __future__ import annotations
 
 import hashlib
-from typing import NamedTuple
+from array import array
 
 import numpy as np
 
@@ -42,16 +42,39 @@ import numpy as np
 LLM_AUG_KEYS = ("llm_shuffle_candidates",)
 
 
-class Shown(NamedTuple):
+class Shown:
     """One prompt's candidate list: ``order[j]`` is the index, among the stage's candidates, of presented position
-    j (0-based; the prompt numbers it j + 1), and ``items[j]`` is that candidate's item id."""
+    j (0-based; the prompt numbers it j + 1), and ``items[j]`` is that candidate's item id.
 
-    order: list
-    items: list
+    One is kept per user and stage until the records are written, so both are stored as typed arrays, not lists
+    of Python ints (about 0.5 KB instead of 1.3 KB at K = 20, measured with tracemalloc: over a gigabyte less for
+    SNF and ARV together at a million users); ``order`` and ``items`` read back as lists."""
+
+    __slots__ = ("_order", "_items")
+
+    def __init__(self, order, items):
+        self._order = array("I", order)
+        self._items = array("q", items)
+
+    @property
+    def order(self) -> list:
+        return self._order.tolist()
+
+    @property
+    def items(self) -> list:
+        return self._items.tolist()
 
     def to_candidates(self, positions) -> list:
         """Presented positions (0-based) -> candidate indices."""
-        return [self.order[j] for j in positions]
+        return [self._order[j] for j in positions]
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Shown) and self._order == other._order and self._items == other._items
+
+    __hash__ = None
+
+    def __repr__(self) -> str:
+        return f"Shown(order={self.order}, items={self.items})"
 
 
 def presentation_order(seed, stage: str, user: str, n: int, shuffle: bool = True) -> list:
