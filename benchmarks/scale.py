@@ -2,6 +2,7 @@
 
     nice -n 10 python benchmarks/scale.py                         # 10k and 100k, then 1M for what fits
     python benchmarks/scale.py --sizes=10000 --stages=load,ccg_score   # a part (results are cached: resumable)
+    python benchmarks/scale.py --helper_loss=BPR --stages=load,ccg_epoch,ccg_score   # helpers with a sampled loss
 
 Data: one synthetic dataset per size, shaped like the bundled amazon-beauty (read at generation time): the same
 item-count / user-count ratio, sequence lengths drawn from its empirical length distribution, item popularity a
@@ -83,6 +84,10 @@ SETTINGS = {
     "eval_batch_size": 512, "semantic_backend": "tfidf", "llm_concurrency": 32, "llm_model": "fake-llm",
     "llm_backend": "openai", "llm_max_retries": 0,
 }
+#: ``--helper_loss=BPR``: the CCG/ARV helpers train with RecBole's BPR loss on one uniformly sampled negative per
+#: position (``ccg_model_args``) instead of the full-softmax CE loss, which scores every item for every row.
+HELPER_LOSSES = {"CE": {}, "BPR": {"ccg_model_args": {"loss_type": "BPR", "train_neg_sample_args": {
+    "distribution": "uniform", "sample_num": 1}}}}
 
 TITLE_WORDS = {  # generated titles: brand, 1-4 descriptors, 1-3 attributes, a product noun, maybe a size
     "brand": "Aveline Borel Corvina Dalmar Esprel Florin Gavia Halden Ismene Jorvik Kestra Lumea Mirabel Norvell "
@@ -275,7 +280,7 @@ class Meter:
         return _Stage()
 
 
-def _config(size: int, work: Path, base_url: str | None, **extra):
+def _config(size: int, work: Path, base_url: str | None, helper_loss: str = "CE", **extra):
     from recbole_llmser.config import Config
 
     name = dataset_name(size)
@@ -283,7 +288,7 @@ def _config(size: int, work: Path, base_url: str | None, **extra):
         **SETTINGS, "data_path": str(work / "data"), "checkpoint_dir": str(work / "saved" / label(size)),
         "load_col": {"inter": ["user_id", "item_id", "timestamp"], "item": ["item_id", "title"]},
         "item_text_field": "title", "show_progress": False, "state": "WARNING", "use_gpu": False,
-        "llm_base_url": base_url, "method": "llmser", **extra,
+        "llm_base_url": base_url, "method": "llmser", **HELPER_LOSSES[helper_loss], **extra,
     }
     return Config("SASRec", name, config_dict=settings, cmd_args=[])
 
@@ -301,7 +306,7 @@ def _selected(config, users, prefixes):
     return [i for i, u in enumerate(users) if int(u) in chosen]
 
 
-def child(group: str, size: int, work: Path, base_url: str | None) -> dict:
+def child(group: str, size: int, work: Path, base_url: str | None, helper_loss: str = "CE") -> dict:
     """Run ``group``'s stages at ``size``; returns ``{stage: {seconds, peak_mib, start_mib}}`` (+ ``_extra``)."""
     from recbole_llmser import compat  # noqa: F401
     from recbole_llmser.augment import arv, ccg, pipeline, snf
@@ -311,7 +316,7 @@ def child(group: str, size: int, work: Path, base_url: str | None) -> dict:
     from recbole_llmser.sequences import dataset_prefixes
 
     meter, extra = Meter(), {}
-    config = _config(size, work, base_url)
+    config = _config(size, work, base_url, helper_loss)
     models = Path(config["checkpoint_dir"]) / config["dataset"] / "augment" / "models"
     files = work / "saved" / label(size)
     files.mkdir(parents=True, exist_ok=True)
@@ -369,7 +374,7 @@ def child(group: str, size: int, work: Path, base_url: str | None) -> dict:
             extra.update(backend=backend, llm_calls=ctx.client.stats.calls, augmented=len(pseudo),
                          artifact_mib=round((out_dir / pipeline.ARTIFACT).stat().st_size / 2 ** 20, 1))
     elif group in ("dct_data", "dct_epoch"):
-        config = _config(size, work, base_url, aug_file=(files / "artifact_path").read_text().strip())
+        config = _config(size, work, base_url, helper_loss, aug_file=(files / "artifact_path").read_text().strip())
         if group == "dct_data":
             with meter.stage("dct_load"):
                 dataset = create_dataset(config)
@@ -399,9 +404,10 @@ def result_path(work: Path, group: str, size: int) -> Path:
     return work / "results" / f"{label(size)}-{group}.json"
 
 
-def run_child(group: str, size: int, work: Path, base_url, timeout: float) -> dict:
+def run_child(group: str, size: int, work: Path, base_url, timeout: float, helper_loss: str = "CE") -> dict:
     """One child (niced by 10), its stage lines echoed; returns its results, or ``{"_timeout": seconds}``."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", group, f"--size={size}", f"--work={work}"]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", group, f"--size={size}", f"--work={work}",
+           f"--helper_loss={helper_loss}"]
     if base_url:
         cmd.append(f"--base_url={base_url}")
     env = {k: v for k, v in os.environ.items() if k not in ("OPENAI_API_KEY", "OPENAI_BASE_URL")}
@@ -526,18 +532,23 @@ def main(argv=None):
     p.add_argument("--items", type=int, default=None,
                    help="a fixed catalogue of this many items at every size (default: the catalogue grows with the "
                         "users, amazon-beauty's items per user); its own work folder and output file by default")
+    p.add_argument("--helper_loss", choices=tuple(HELPER_LOSSES), default="CE",
+                   help="the CCG/ARV helpers' loss: CE (full softmax, the default) or BPR (one sampled negative); "
+                        "BPR has its own work folder and output file by default")
     p.add_argument("--work", default=None, help="folder of the data, the children's outputs and results "
                                                 "(default: results/benchmarks/_work/scale[/items-N])")
-    p.add_argument("--out", default=None, help="default: results/benchmarks/scale.md (scale_items-N.md)")
+    p.add_argument("--out", default=None, help="default: results/benchmarks/scale.md (scale_items-N.md, "
+                                                "scale_helper-bpr.md)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, help=argparse.SUPPRESS)
     p.add_argument("--base_url", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    tag = f"items-{args.items}" if args.items else ""
+    tag = "_".join(t for t in (f"items-{args.items}" if args.items else "",
+                                  "helper-bpr" if args.helper_loss == "BPR" else "") if t)
     work = Path(args.work or (WORK / tag if tag else WORK)).resolve()
     out_file = Path(args.out or REPO / "results" / "benchmarks" / (f"scale_{tag}.md" if tag else "scale.md"))
     if args.child:
-        print(json.dumps(child(args.child, args.size, work, args.base_url)), flush=True)
+        print(json.dumps(child(args.child, args.size, work, args.base_url, args.helper_loss)), flush=True)
         return
     sizes = sorted(int(s) for s in args.sizes.split(","))
     groups = [g for g in CHILDREN if g in args.stages.split(",")]
@@ -577,7 +588,8 @@ def main(argv=None):
                                                          f"--stage_timeout={args.stage_timeout:.0f} s")
                     print(f"  {group}: skipped ({notes[f'{group} at {label(size)}']})", flush=True)
                     continue
-                out = run_child(group, size, work, server.base_url if group == "llm" else None, args.stage_timeout)
+                out = run_child(group, size, work, server.base_url if group == "llm" else None, args.stage_timeout,
+                                args.helper_loss)
                 if "_timeout" in out:
                     done = [k for k in out if not k.startswith("_")]
                     notes[f"{group} at {label(size)}"] = (f"stopped by --stage_timeout={args.stage_timeout:.0f} s"
@@ -615,12 +627,15 @@ def main(argv=None):
                  f"with the catalogue growing with the users ({shape['items_per_user']:.3f} items per user, as in "
                  "amazon-beauty) these stages grow as users x items, i.e. quadratically once the item term "
                  "dominates; `--items=N` measures them on a fixed catalogue (scale_items-N.md)")
-    lines += ["", "Reading: ccg_epoch and dct_epoch score every catalogue item for every training row (RecBole's "
-                  "full-softmax CE loss), ccg_score ranks the whole catalogue for every user and arv ranks it "
-                  "again for ARV's candidates (the forward helper), so each row costs O(items); " + catalogue
-              + ". A sampled loss for the helpers (ccg_model_args: {loss_type: BPR, train_neg_sample_args: "
-                "{distribution: uniform, sample_num: 1}}) makes their training O(rows); a full ranking stays "
-                "O(users x items) by definition."]
+    bpr = args.helper_loss == "BPR"
+    lines += ["", "Reading: " + ("the helpers train with BPR here (one sampled negative per row: ccg_epoch has no item "
+                                 "term); dct_epoch scores" if bpr else "ccg_epoch and dct_epoch score")
+              + " every catalogue item for every training row (RecBole's full-softmax CE loss), ccg_score ranks the "
+                "whole catalogue for every user and arv ranks it again for ARV's candidates (the forward helper), so "
+                "each such row costs O(items); " + catalogue + "."
+              + ("" if bpr else " A sampled loss for the helpers (ccg_model_args: {loss_type: BPR, "
+                 "train_neg_sample_args: {distribution: uniform, sample_num: 1}}; --helper_loss=BPR here) makes their "
+                 "training O(rows); a full ranking stays O(users x items) by definition.")]
     data = []
     for size in sizes:
         shape_file = work / "data" / dataset_name(size) / "shape.json"
@@ -631,7 +646,7 @@ def main(argv=None):
              + f"amazon-beauty shape: {shape['items_per_user']:.3f} items per user, empirical lengths (mean "
              f"{np.dot(shape['length_values'], shape['length_probs']):.2f}), Zipf exponent "
              f"{shape['zipf_exponent']:.3f}; synthetic data: " + "; ".join(data),
-             f"settings: {json.dumps(SETTINGS)}",
+             f"settings: {json.dumps({**SETTINGS, **HELPER_LOSSES[args.helper_loss]})}",
              f"machine: {os.cpu_count()} CPU cores (shared), children niced by 10, one at a time", ""]
     print("\n".join(setup + lines))
     command = " ".join(["python", "benchmarks/scale.py", *map(shlex.quote, argv)])

@@ -96,3 +96,14 @@ def test_estimate_seconds_from_smaller_sizes_only():
     assert scale.estimate_seconds(cached, "ccg_epoch", 100, assume_exponent=2.0) == pytest.approx(200.0)
     assert scale.estimate_seconds(cached, "ccg_epoch", 1000) == pytest.approx(40.0 * 10 ** math.log10(20))
     assert scale.estimate_seconds(cached, "load", 1000, assume_exponent=2.0) is None
+
+
+@pytest.mark.parametrize("loss", ["CE", "BPR"])
+def test_helper_loss_reaches_the_helpers_config(tmp_cwd, loss):
+    scale.write_dataset(tmp_cwd / "data", 300, SHAPE, seed=1)
+    config = scale._config(300, tmp_cwd, None, loss)
+    args = config["ccg_model_args"] or {}
+    assert args.get("loss_type") == ("BPR" if loss == "BPR" else None)
+    if loss == "BPR":  # one sampled negative per trained position, not a score for every item
+        assert args["train_neg_sample_args"] == {"distribution": "uniform", "sample_num": 1}
+    assert config["loss_type"] == "CE"  # the trained backbone (DCT) keeps its own loss
