@@ -628,17 +628,17 @@ def main(argv=None):
                  "amazon-beauty) these stages grow as users x items, i.e. quadratically once the item term "
                  "dominates; `--items=N` measures them on a fixed catalogue (scale_items-N.md)")
     bpr = args.helper_loss == "BPR"
-    lines += ["", "Reading: " + ("the helpers train with BPR here (one sampled negative per row: ccg_epoch's loss has no "
-                                 "item term, though the item embedding's dense gradient and Adam update still touch "
-                                 "every item once per step); dct_epoch scores" if bpr
+    lines += ["", "Reading: " + ("the helpers train with BPR here (one sampled negative per row: ccg_epoch's loss "
+                                 "has no item term, though the item embedding's dense gradient and Adam update "
+                                 "still touch every item once per step); dct_epoch scores" if bpr
                                  else "ccg_epoch and dct_epoch score")
               + " every catalogue item for every training row (RecBole's full-softmax CE loss), ccg_score ranks the "
                 "whole catalogue for every user and arv ranks it again for ARV's candidates (the forward helper), so "
                 "each such row costs O(items); " + catalogue + "."
               + ("" if bpr else " A sampled loss for the helpers (ccg_model_args: {loss_type: BPR, "
-                 "train_neg_sample_args: {distribution: uniform, sample_num: 1}}; --helper_loss=BPR here) takes the item "
-                 "term out of their loss (the item embedding's dense gradient and Adam update still cost O(items) "
-                 "per step); a full ranking stays O(users x items) by definition.")]
+                 "train_neg_sample_args: {distribution: uniform, sample_num: 1}}; --helper_loss=BPR here) takes the "
+                 "item term out of their loss (the item embedding's dense gradient and Adam update still cost "
+                 "O(items) per step); a full ranking stays O(users x items) by definition.")]
     data = []
     for size in sizes:
         shape_file = work / "data" / dataset_name(size) / "shape.json"
