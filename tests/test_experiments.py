@@ -238,7 +238,7 @@ def test_gains_compare_the_seeds_both_rows_have(tmp_path):
     assert ex.matched_seeds(recs[:1], recs[1:2])[0] == " (seeds both have: none)"
     # an ablation table's Δ against its first row: the same rule
     entries = [(r, "ablation", r["method"], None) for r in recs[:4]]
-    delta = ex.labelled_table(entries, "full").splitlines()[3].split(" | ")[-2]
+    delta = ex.labelled_table(entries, "full").splitlines()[3].split(" | ")[-3]
     assert delta == "+50.0% (seeds both have: 42)"
 
 
@@ -300,7 +300,8 @@ def test_validation_chooses_the_row_with_the_best_mean_validation_ndcg():
     entries = [(r, "ablation", label, None) for label, rs in (("plain", plain), ("aug", better_test)) for r in rs]
     for p in ("uni100", "full"):  # the same row in each protocol's table (chosen under full ranking)
         table = ex.labelled_table(entries, p)
-        assert [ln.rstrip(" |").endswith("✓") for ln in table.splitlines()[2:]] == [True, False]
+        rows = [ln for ln in table.splitlines()[2:] if ln.startswith("|")]  # a footnote follows (no per_user)
+        assert [ln.rstrip(" |").endswith("✓") for ln in rows] == [True, False]
 
 
 # -------------------------------------------------------------------------------- running (subprocesses) --
@@ -380,7 +381,9 @@ def test_a_plan_run_keeps_per_user_ranks_and_reports_p_values(tiny_data, tmp_cwd
     runs = ex.load_runs(results)[0]
     assert len(runs) == 4
     for r in runs:
-        assert r["per_user"] == str(Path(r["run_dir"]) / "per_user.npz") and Path(r["per_user"]).is_file()
+        # kept beside runs.jsonl (a copy of the run folder's file, which a new checkout would not have)
+        assert Path(r["per_user"]).resolve() == (results / "per_user" / f"{r['id']}.npz").resolve()
+        assert Path(r["per_user"]).read_bytes() == (Path(r["run_dir"]) / "per_user.npz").read_bytes()
     report = (results / "report.md").read_text()
     assert "p-values need runs" not in report  # every run kept its ranks: no footnote
     by_key = {(r["method"], r["seed"]): read_per_user(r["per_user"])["splits"]["test"] for r in runs}

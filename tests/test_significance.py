@@ -172,3 +172,36 @@ def test_runs_without_per_user_files_show_a_dash_and_a_footnote(tmp_path):
     assert set(_p_row(text, "full")[4:]) == {"—"}
     assert "the per-user file of 1 of them is no longer where their record says" in text
     assert "none-42.npz" in text
+
+
+def test_labelled_tables_give_p_values_against_their_first_row(tmp_path):
+    """A group table (baselines, preset search, ablations) has one p-value cell per row against its first row:
+    NDCG@10 overall / per group, the same paired test as the main table's, '—' with a footnote where a run has no
+    per-user file."""
+    rng = np.random.default_rng(5)
+    base = [rng.integers(0, 15, 12) for _ in range(2)]
+    new = [np.maximum(r - rng.integers(0, 6, 12), 0) for r in base]
+    recs = _runs(tmp_path, base, new)
+    for r in recs:
+        r.update(group="baselines", label="plain" if r["method"] == "none" else "augmented")
+        ex.append_jsonl(tmp_path / "runs.jsonl", r)
+    text = ex.write_report(tmp_path, "cmd").read_text()
+    table = text.split("### Test, protocol `uni100`")[1].split("\n\n")[1]
+    header, _, first, second = table.splitlines()[:4]
+    assert "p NDCG@10 vs first row (overall / tail / medium / head)" in header
+    p_col = [c.strip() for c in header.strip("|").split("|")].index(
+        "p NDCG@10 vs first row (overall / tail / medium / head)")
+    cell = lambda row: [c.strip() for c in row.strip("|").split("|")][p_col]  # noqa: E731
+    groups = (range(12), range(4), range(4, 8), range(8, 12))
+    assert first.startswith("| plain |") and cell(first) == ""
+    assert cell(second) == " / ".join(_expected(base, new, "ndcg", g) for g in groups)
+    assert "—" not in cell(second) and "p-values need runs" not in text
+
+    del recs[1]["per_user"]  # plain, seed 43
+    (tmp_path / "runs.jsonl").unlink()
+    for r in recs:
+        ex.append_jsonl(tmp_path / "runs.jsonl", r)
+    text = ex.write_report(tmp_path, "cmd").read_text()
+    second = text.split("### Test, protocol `uni100`")[1].split("\n\n")[1].splitlines()[3]
+    assert cell(second).endswith("(seeds with per-user ranks: 42)")
+    assert "1 of the 4 runs compared here were recorded before" in text

@@ -106,7 +106,8 @@ def _reading_guide(records, valid_metric) -> list:
             "* `gain <method> vs none` = (mean method − mean none) / mean none × 100, same backbone, protocol and "
             "column; `Δ NDCG@10 vs first row` likewise against a table's first row. Both means are over the seeds the "
             "two rows share (named in the cell when one row has seeds the other lacks).",
-            "* `p-value <method> vs none` (main tables): two-sided paired t-test (`scipy.stats.ttest_rel`) over the "
+            "* `p-value <method> vs none` (main tables) and `p NDCG@10 vs first row` (the other tables, overall / "
+            "each group): two-sided paired t-test (`scipy.stats.ttest_rel`) over the "
             "test users of the column's group, of each user's HR@10 or NDCG@10 under that protocol, averaged over the "
             "seeds both rows have (runs paired by seed, so `uni<N>` compares the same sampled negatives; users paired "
             "with themselves). It asks whether the difference is larger than the spread between users explains for "

@@ -1,6 +1,7 @@
 """Running one spec: a fresh Python process (``python -m recbole_llmser.experiments --_child <job>``) per run,
 its peak memory from ``wait4``, a time limit, and its record appended to ``runs.jsonl`` or ``failures.jsonl``
-(with ``per_user``, the path of the run's per-user test and validation ranks, which the report's p-values read)."""
+(with ``per_user``, the path of the run's per-user test and validation ranks, copied to ``per_user/<run id>.npz``
+beside ``runs.jsonl`` so that the report's p-values survive a new checkout)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import functools
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,9 +21,9 @@ import yaml
 
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.experiments.keys import RECORDED_SETTINGS
-from recbole_llmser.experiments.store import FAILURES, RUNS, WORK, _now, append_jsonl
+from recbole_llmser.experiments.store import FAILURES, PER_USER_DIR, RUNS, WORK, _now, append_jsonl
 from recbole_llmser.methods import uses_llmser
-from recbole_llmser.utils import atomic_write_json
+from recbole_llmser.utils import atomic_file, atomic_write_json
 
 #: Result fields the child passes on from ``quick_start.run``'s result into the run's record.
 RESULT_KEYS = ("best_valid_score", "best_valid_result", "best_epoch", "epochs_trained", "resumed_at_epoch",
@@ -192,8 +194,22 @@ def run_spec(spec: dict, results_dir, timeout=None) -> dict:
         append_jsonl(results_dir / FAILURES, {k: v for k, v in record.items() if k != "ok"})
         return record
     record = _success(base, child)
+    record["per_user"] = _keep_per_user(record.get("per_user"), results_dir, spec["id"])
     append_jsonl(results_dir / RUNS, record)
     return {**record, "ok": True}
+
+
+def _keep_per_user(path, results_dir, run_id):
+    """Copy a run's per-user ranks from its run folder (under ``saved/``, which a new checkout lacks) to
+    ``<results_dir>/per_user/<run id>.npz`` beside ``runs.jsonl``, so the report's p-values survive with the
+    results; returns the path the record names (None when the run kept no file)."""
+    if not path or not Path(path).is_file():
+        return path
+    kept = results_dir / PER_USER_DIR / f"{run_id}.npz"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "rb") as src, atomic_file(kept, "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    return str(kept)
 
 
 # ============================================================================== inside the run's own process ==

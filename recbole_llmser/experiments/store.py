@@ -16,6 +16,7 @@ FAILURES = "failures.jsonl"
 REPORT = "report.md"
 WORK = "_work"  # per-run logs, job files and the lock (git-ignored: results/**/_work/)
 PLANS = "plans"  # the recorded (expanded) plans of a results folder
+PER_USER_DIR = "per_user"  # each run's per-user ranks, <run id>.npz (committed beside runs.jsonl: the p-values)
 
 
 def _now() -> str:

@@ -99,26 +99,32 @@ def _comparison_rows(model, method, base, new, protocol, cols) -> list:
 
 def labelled_table(entries, protocol):
     """Rows = (label, backbone, method) in plan order; columns = valid NDCG@10, test metrics overall and per
-    group; plus the relative change of overall NDCG@10 against the first row (over the seeds both rows have) and
-    the row validation chooses."""
+    group; plus the relative change of overall NDCG@10 against the first row (over the seeds both rows have), the
+    p-values of the NDCG@10 differences against the first row (overall and per group, :func:`~recbole_llmser.
+    experiments.significance.pvalue_cells`) and the row validation chooses."""
     recs = entry_records(entries)
     rows_by_key = group_rows(entries, lambda e: (e[2] or f"{e[0]['model']} {e[0]['method']}", e[0]["model"],
                                                  e[0]["method"]))
     cols = _columns(recs, protocol)
+    p_cols = [c for c in cols if c[2] == "ndcg@10"]  # overall, then each group
+    p_title = "p NDCG@10 vs first row (" + " / ".join(g or "overall" for _, g, _ in p_cols) + ")"
     header = (["variant", "backbone", "method", "seeds", "valid NDCG@10"] + [c[0] for c in cols]
-              + ["Δ NDCG@10 vs first row", "chosen on validation"])
-    rows, ref = [], None
+              + ["Δ NDCG@10 vs first row", p_title, "chosen on validation"])
+    rows, ref, compared = [], None, {}
     chosen = _choice_cells([entry_records(g) for g in rows_by_key.values()], selection_protocol(recs))
     for ((label, model, method), group), choice in zip(rows_by_key.items(), chosen):
         rs = entry_records(group)
         if ref is None:
-            ref, delta = rs, "reference"
+            ref, delta, p_cell = rs, "reference", ""
         else:
             seeds, base, new = matched_seeds(ref, rs)
             delta = fmt_gain(relative_gain(aggregate(base, "test", protocol, "ndcg@10")[0],
                                            aggregate(new, "test", protocol, "ndcg@10")[0])) + seeds
-        rows.append([label, model, method, len(rs)] + _row_cells(rs, protocol, cols) + [delta, choice])
-    return md_table(header, rows) + _mix_note(rows_by_key)
+            p_label, p_cells = pvalue_cells(base, new, protocol, p_cols)
+            p_cell = " / ".join(p_cells) + p_label
+            compared.update({r["id"]: r for r in base + new})
+        rows.append([label, model, method, len(rs)] + _row_cells(rs, protocol, cols) + [delta, p_cell, choice])
+    return md_table(header, rows) + _mix_note(rows_by_key) + missing_note(list(compared.values()))
 
 
 def sweep_series(entries, protocol, metric="ndcg@10"):
