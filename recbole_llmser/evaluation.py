@@ -290,6 +290,61 @@ def shared_targets(targets, groups, names, bounds, threshold: float = SHARED_TAR
     return out
 
 
+#: A (history, target) pair that this share of a split's rows repeat exactly is flagged (see ``shared_rows``).
+SHARED_ROW_SHARE = 0.05
+
+
+def row_keys(histories, lengths, targets, chunk: int = 65536) -> np.ndarray:
+    """One 64-bit key per row for its (history, target): equal rows get equal keys (different rows collide with
+    probability ~2^-64 per pair). ``histories`` [R, L] item ids (positions past ``lengths`` are ignored)."""
+    histories, lengths = np.asarray(histories), np.asarray(lengths)
+    targets = np.asarray(targets).astype(np.uint64)
+    width = histories.shape[1] if histories.ndim == 2 else 0
+    powers = np.cumprod(np.full(width + 1, 0x9E3779B97F4A7C15, np.uint64), dtype=np.uint64)  # wraps mod 2^64
+    keys = np.empty(len(targets), np.uint64)
+    with np.errstate(over="ignore"):
+        for lo in range(0, len(targets), chunk):
+            hist = histories[lo:lo + chunk].astype(np.uint64)
+            hist[np.arange(width)[None, :] >= lengths[lo:lo + chunk, None]] = 0
+            keys[lo:lo + chunk] = (hist * powers[1:]).sum(1, dtype=np.uint64) + targets[lo:lo + chunk] * powers[0]
+    return keys
+
+
+def shared_rows(histories, lengths, targets, threshold: float = SHARED_ROW_SHARE) -> list:
+    """The (history, target) pairs that at least ``threshold`` of a split's rows repeat exactly (users with the
+    same items in the same order and the same next item), most rows first: ``[{"rows", "share", "history",
+    "target"}]`` (item ids as given). Each such pair is one ranking decision that moves all its rows at once, so
+    a split where they cover much of the rows measures few decisions (duplicated or bot-like users)."""
+    lengths, targets = np.asarray(lengths), np.asarray(targets)
+    if len(targets) == 0:
+        return []
+    keys = row_keys(histories, lengths, targets)
+    _, first, counts = np.unique(keys, return_index=True, return_counts=True)
+    out = []
+    for i in np.argsort(-counts, kind="stable"):
+        if counts[i] < max(threshold * len(targets), 2):
+            break
+        row = first[i]
+        out.append({"rows": int(counts[i]), "share": round(float(counts[i] / len(targets)), 4),
+                    "history": np.asarray(histories[row][:lengths[row]]).tolist(), "target": int(targets[row])})
+    return out
+
+
+def shared_rows_line(split: str, shared: list, n_rows: int, tokens=None) -> str:
+    """One log line about a split's shared rows (''  when there are none); item ids shown as ``tokens[id]``."""
+    if not shared:
+        return ""
+    name = (lambda i: str(tokens[i])) if tokens is not None else str  # noqa: E731
+    covered = sum(s["rows"] for s in shared)
+    pairs = "; ".join(f"{' '.join(map(name, s['history']))} -> {name(s['target'])}: {s['rows']} rows"
+                      for s in shared[:3])
+    more = f"; and {len(shared) - 3} more" if len(shared) > 3 else ""
+    chosen = ", and a model chosen on it is chosen largely on them" if split == "validation" else ""
+    return (f"{split}: {covered} of {n_rows} rows ({covered / n_rows:.0%}) repeat {len(shared)} (history, target) "
+            f"pair(s) exactly, each at least {SHARED_ROW_SHARE:.0%} of the rows ({pairs}{more}): the split's metrics "
+            f"move in steps with those few rankings{chosen}")
+
+
 def format_results(results: dict, title: str) -> str:
     """Plain-text tables (one per protocol): rows = overall + groups, columns = n and metrics."""
     from tabulate import tabulate

@@ -275,6 +275,7 @@ def _run_in(run_dir, config, dataset, splits, table, inputs, saved, logger, fold
         "aug_file": config["aug_file"],
         "tsl_embedding_file": config["tsl_embedding_file"],
         "per_user": PER_USER,  # the per-user ranks of both splits, beside results.json (written first)
+        "shared_rows": getattr(dataset, "shared_rows", {}),  # evaluation rows repeating one (history, target)
     }
     if not main:
         return result

@@ -87,6 +87,51 @@ def test_groups_whose_users_share_one_target_are_flagged():
     assert "note: 60% of the head users share one valid target (item 7)" in format_results(res, "valid")
 
 
+def test_rows_repeating_one_history_and_target_are_found():
+    from recbole_llmser.evaluation import row_keys, shared_rows, shared_rows_line
+
+    # 6 rows "3 4 -> 3" (padding past the length differs: ignored), 2 rows "3 4 -> 5" (other target), 2 rows
+    # "4 3 -> 3" (other order), 10 distinct rows
+    hist = [[3, 4, 0]] * 4 + [[3, 4, 9]] * 2 + [[3, 4, 0]] * 2 + [[4, 3, 0]] * 2 + [[i, i + 1, i + 2] for i in range(10)]
+    lengths = [2] * 10 + [3] * 10
+    targets = [3] * 6 + [5] * 2 + [3] * 2 + list(range(10))
+    keys = row_keys(np.array(hist), np.array(lengths), np.array(targets))
+    assert len(set(keys[:6].tolist())) == 1 and len(set(keys.tolist())) == 13
+    found = shared_rows(np.array(hist), lengths, targets, threshold=0.1)
+    assert found == [{"rows": 6, "share": 0.3, "history": [3, 4], "target": 3},
+                     {"rows": 2, "share": 0.1, "history": [3, 4], "target": 5},
+                     {"rows": 2, "share": 0.1, "history": [4, 3], "target": 3}]
+    assert shared_rows(np.array(hist), lengths, targets, threshold=0.2) == found[:1]
+    assert shared_rows(np.array(hist)[10:], lengths[10:], targets[10:], threshold=0.0) == []  # no pair repeats
+    assert shared_rows(np.zeros((0, 3), np.int64), [], []) == []
+    # the keys do not depend on how the rows are chunked
+    assert (row_keys(np.array(hist), np.array(lengths), np.array(targets), chunk=3) == keys).all()
+    line = shared_rows_line("validation", found[:1], 20, tokens=np.array(["[PAD]", "a", "b", "c", "d", "e"]))
+    assert line.startswith("validation: 6 of 20 rows (30%) repeat 1 (history, target) pair(s) exactly")
+    assert "(c d -> c: 6 rows)" in line and "a model chosen on it" in line
+    assert "chosen" not in shared_rows_line("test", found[:1], 20) and shared_rows_line("test", [], 20) == ""
+
+
+def test_a_dataset_of_duplicated_users_warns_and_the_run_records_it(tmp_path, tmp_cwd, caplog):
+    """Users with the same sequence (bots, duplicated exports) make an evaluation split a few ranking decisions:
+    the split is flagged in the log and in results.json, which a report then shows."""
+    from recbole_llmser.quick_start import run
+    from tests.conftest import tiny_config_dict, write_tiny_dataset
+
+    data = tmp_path / "data"
+    write_tiny_dataset(data, n_users=30)
+    inter = data / "tiny" / "tiny.inter"
+    dup = [f"bot{u}\ti{i}\t{t}" for u in range(10) for t, i in enumerate((1, 2, 3, 1, 4))]  # 10 identical users
+    inter.write_text(inter.read_text() + "\n".join(dup) + "\n")
+    with caplog.at_level("WARNING"):
+        result = run("SASRec", "tiny", config_dict=tiny_config_dict(data, epochs=1), cmd_args=[])
+    valid = result["shared_rows"]["valid"]
+    assert valid["n_rows"] == 40 and valid["pairs"] == [
+        {"rows": 10, "share": 0.25, "history": ["i1", "i2", "i3"], "target": "i1"}]
+    assert result["shared_rows"]["test"]["pairs"][0]["history"] == ["i1", "i2", "i3", "i1"]
+    assert "dataset 'tiny' validation: 10 of 40 rows (25%) repeat 1 (history, target) pair(s) exactly" in caplog.text
+
+
 def test_a_run_keeps_per_user_ranks_that_give_its_metrics_exactly(tiny_data, tmp_cwd):
     """A tiny training run writes per_user.npz beside results.json (which names it); the metrics recomputed from
     its ranks equal results.json's, exactly, overall and per group, for each protocol and split."""

@@ -549,3 +549,21 @@ def test_items_above_target_reads_a_finished_run(tiny_data, tmp_cwd, capsys):
     # the same checkpoint, re-evaluated: HR@10 of users with >= 1 training item under full ranking
     assert top10 == pytest.approx(result["test"]["full"]["overall"]["hit@10"], abs=1e-3)
     assert "items most often above the target" in out and "most common test item: " in out
+
+
+def test_the_report_says_when_validation_rows_repeat_a_few_pairs(tmp_path):
+    """The latest run that checked its dataset names the repeated validation rows in the report's intro; a dataset
+    without them (or runs recorded before the check) gets no paragraph."""
+    old = _record("SASRec", "none", 42, 0.2)
+    ex.append_jsonl(tmp_path / "runs.jsonl", old)
+    assert "Validation rows repeat" not in ex.write_report(tmp_path, "cmd").read_text()
+    new = _record("SASRec", "llmser", 42, 0.3, aug=AUG)
+    new["finished"] = "2025-01-02T00:00:00+00:00"
+    new["shared_rows"] = {"valid": {"n_rows": 40, "pairs": [{"rows": 10, "share": 0.25, "history": ["a", "b"],
+                                                             "target": "a"}]},
+                          "test": {"n_rows": 40, "pairs": []}}
+    ex.append_jsonl(tmp_path / "runs.jsonl", new)
+    text = ex.write_report(tmp_path, "cmd").read_text()
+    assert (f"**Validation rows repeat a few (history, target) pairs** (d, run `{new['id']}`) — validation: 10 of 40 "
+            "rows (25%) repeat 1 (history, target) pair(s) exactly") in text
+    assert "(a b -> a: 10 rows)" in text

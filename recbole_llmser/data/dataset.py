@@ -96,6 +96,28 @@ class SequentialDataset(_RecBoleSequentialDataset):
             self.logger.warning(f"dataset '{self.dataset_name}': {single} users have a single interaction: no "
                                 "sequence to learn from or to evaluate, they are left out")
 
+    def build(self):
+        """RecBole's split, then a warning per evaluation split whose rows largely repeat a few (history, target)
+        pairs (:func:`~recbole_llmser.evaluation.shared_rows`; kept in ``self.shared_rows``: per split its number
+        of rows and the pairs, in item tokens)."""
+        from recbole_llmser.evaluation import shared_rows, shared_rows_line
+
+        datasets = super().build()
+        self.shared_rows = {}
+        if len(datasets) == 3:
+            tokens = self.field2id_token[self.iid_field]
+            for name, part in (("valid", datasets[1]), ("test", datasets[2])):
+                inter = part.inter_feat
+                found = shared_rows(inter[self.item_id_list_field].numpy(), inter[self.item_list_length_field].numpy(),
+                                    inter[self.iid_field].numpy())
+                self.shared_rows[name] = {"n_rows": len(inter), "pairs": [
+                    {**s, "history": [str(tokens[i]) for i in s["history"]], "target": str(tokens[s["target"]])}
+                    for s in found]}
+                if found:
+                    self.logger.warning(f"dataset '{self.dataset_name}' " + shared_rows_line(
+                        "validation" if name == "valid" else name, found, len(inter), tokens))
+        return datasets
+
     def _load_inter_feat(self, token, dataset_path):
         super()._load_inter_feat(token, dataset_path)
         if self.time_field == FILE_ORDER_FIELD and self.inter_feat is not None \

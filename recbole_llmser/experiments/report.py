@@ -8,6 +8,7 @@ from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 
+from recbole_llmser.evaluation import shared_rows_line
 from recbole_llmser.experiments.plots import main_png, sweep_png, write_figures
 from recbole_llmser.experiments.stats import (
     entry_records, group_rows, protocols_of, selection_protocol, stopped_at_cap,
@@ -67,7 +68,23 @@ def _intro(results_dir, records, bad, n_open_failures, command) -> list:
     out.append("")
     if command:
         out += [f"Report written by: `{command}`", ""]
+    out += _shared_rows_note(records)
     return out
+
+
+def _shared_rows_note(records) -> list:
+    """A paragraph when the latest run that checked says the dataset's validation rows largely repeat a few
+    (history, target) pairs (:func:`~recbole_llmser.evaluation.shared_rows`); [] otherwise."""
+    checked = [r for r in records if isinstance(r.get("shared_rows"), dict)]
+    if not checked:
+        return []
+    latest = max(checked, key=lambda r: r.get("finished") or "")
+    valid = latest["shared_rows"].get("valid") or {}
+    if not valid.get("pairs"):
+        return []
+    return [f"**Validation rows repeat a few (history, target) pairs** ({latest['dataset']}, run "
+            f"`{latest['id']}`) — {shared_rows_line('validation', valid['pairs'], valid['n_rows'])}. Read "
+            "`valid NDCG@10` and `chosen on validation` with that in mind.", ""]
 
 
 def _plans_section(plans, orphans, done) -> list:

@@ -27,7 +27,7 @@ from recbole_llmser.utils import atomic_file, atomic_write_json
 
 #: Result fields the child passes on from ``quick_start.run``'s result into the run's record.
 RESULT_KEYS = ("best_valid_score", "best_valid_result", "best_epoch", "epochs_trained", "resumed_at_epoch",
-               "finished_earlier", "valid_curve", "valid", "test", "run_dir", "aug_file")
+               "finished_earlier", "valid_curve", "valid", "test", "run_dir", "aug_file", "shared_rows")
 #: Fields of the augmentation's ``summary.json`` kept in the record's ``aug``.
 AUG_KEYS = ("backend", "text", "llm_model", "timings_s", "llm", "users", "augmented_users", "skipped_users",
             "verified_users", "mean_w", "snf_status", "arv_status", "llm_echo")
