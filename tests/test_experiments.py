@@ -117,6 +117,32 @@ def test_bad_plans_fail_with_one_clear_line(change, words):
         ex.expand_plan(_plan(**change))
 
 
+def test_an_entry_reads_properties_from_config_files_and_keeps_the_run_id_of_the_same_values(tmp_cwd):
+    """``config_files`` (a preset, as a user passes it with --config_files) sits between common and overrides; a
+    run with the same values as an overrides-only run has the same id (runs once, reused by both tables)."""
+    (tmp_cwd / "preset.yaml").write_text("aug_num_pseudo: 2\naug_targets: real\n")
+    (tmp_cwd / "more.yaml").write_text("aug_targets: all\naug_decay_beta: 1.0\n")
+    plan = _plan(common={"epochs": 3, "aug_num_pseudo": 5}, runs=[
+        {"dataset": "d", "model": "SASRec", "seeds": [1], "config_files": ["preset.yaml"], "group": "g1"},
+        {"dataset": "d", "model": "SASRec", "seeds": [1], "group": "g2",
+         "overrides": {"aug_num_pseudo": 2, "aug_targets": "real"}},
+        {"dataset": "d", "model": "SASRec", "seeds": [1], "config_files": "preset.yaml more.yaml",
+         "overrides": {"aug_decay_beta": 0.5}},
+    ])
+    a, b, c = ex.expand_plan(plan)
+    assert a["overrides"] == {"epochs": 3, "aug_num_pseudo": 2, "aug_targets": "real"} == b["overrides"]
+    assert a["id"] == b["id"] and a["config_dict"]["aug_targets"] == "real"
+    assert c["overrides"] == {"epochs": 3, "aug_num_pseudo": 2, "aug_targets": "all", "aug_decay_beta": 0.5}
+    for files, words in ((["missing.yaml"], "config_files: missing.yaml: file not found"),
+                         (["bad.yaml"], "bad.yaml: malformed YAML"), (["list.yaml"], "expected a mapping"),
+                         (["axis.yaml"], "overrides may not set \\['seed'\\]")):
+        (tmp_cwd / "bad.yaml").write_text("a: [1\n")
+        (tmp_cwd / "list.yaml").write_text("- 1\n")
+        (tmp_cwd / "axis.yaml").write_text("seed: 3\n")
+        with pytest.raises(LLMSeRError, match=words):
+            ex.expand_plan(_plan(runs=[{"dataset": "d", "model": "SASRec", "seeds": [1], "config_files": files}]))
+
+
 def test_results_dir_template():
     plan = _plan()
     assert ex.results_dir_for(plan, "d") == Path("results/d")

@@ -17,7 +17,8 @@ METHOD_CHOICES = METHODS  # none, llmser, tslrec, llmser+tslrec
 #: The spec axes: set by the entry's fields, never through overrides.
 AXES = ("dataset", "model", "method", "seed")
 PLAN_KEYS = {"name", "results_dir", "common", "runs", "timeout_s", "description"}
-ENTRY_KEYS = {"dataset", "model", "models", "method", "methods", "seeds", "seed", "overrides", "label", "group", "x"}
+ENTRY_KEYS = {"dataset", "model", "models", "method", "methods", "seeds", "seed", "config_files", "overrides", "label",
+              "group", "x"}
 #: The default ``results_dir`` of a plan; ``{dataset}`` is replaced by each dataset's name.
 DEFAULT_RESULTS_DIR = "results/{dataset}"
 
@@ -101,6 +102,7 @@ def _validate_entry(plan: dict, entry, at: str) -> None:
     overrides = entry.get("overrides") or {}
     if not isinstance(overrides, dict):
         raise LLMSeRError(f"{at}: 'overrides' must be a mapping of properties")
+    overrides = {**entry_file_properties(entry, at), **overrides}
     bad = set(overrides) & set(AXES)
     if bad:
         raise LLMSeRError(f"{at}: overrides may not set {sorted(bad)}; use the entry's own fields")
@@ -115,6 +117,26 @@ def _validate_entry(plan: dict, entry, at: str) -> None:
             raise LLMSeRError(f"{at}: group {group!r} needs 'x' (the swept value) or an override of '{key}'")
 
 
+def entry_file_properties(entry: dict, at: str = "plan") -> dict:
+    """The properties of an entry's ``config_files`` (property yaml files, e.g. a preset: the same files a user
+    passes with ``--config_files``), merged in order; a path is read from the current directory."""
+    files = entry.get("config_files") or []
+    files = files if isinstance(files, list) else str(files).split()
+    merged = {}
+    for name in files:
+        path = Path(name)
+        if not path.is_file():
+            raise LLMSeRError(f"{at}: config_files: {path}: file not found (paths are read from the current directory)")
+        try:
+            props = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise LLMSeRError(f"{at}: config_files: {path}: malformed YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(props, dict):
+            raise LLMSeRError(f"{at}: config_files: {path}: expected a mapping of properties")
+        merged.update(props)
+    return merged
+
+
 def _check_runner_keys(properties: dict, where: str) -> None:
     bad = set(properties) & set(RUNNER_KEYS)
     if bad:
@@ -125,14 +147,15 @@ def _check_runner_keys(properties: dict, where: str) -> None:
 def expand_plan(plan: dict) -> list:
     """The runs of a plan, in plan order: one spec per (entry, model, method, seed).
 
-    A spec: ``id, dataset, model, method, seed, overrides`` (common then the entry's; the runner defaults go to
-    ``config_dict``), ``config_dict`` (what ``quick_start.run`` gets), ``group``, ``label``, ``x``, ``name``.
+    A spec: ``id, dataset, model, method, seed, overrides`` (common, then the entry's ``config_files`` in order,
+    then its ``overrides``: a run's id depends on the values, not on where they came from; the runner defaults go
+    to ``config_dict``), ``config_dict`` (what ``quick_start.run`` gets), ``group``, ``label``, ``x``, ``name``.
     The same id may occur in several entries (one run, several table memberships)."""
     validate_plan(plan, plan.get("path", "plan"))
     common = dict(plan.get("common") or {})
     specs = []
     for entry in plan["runs"]:
-        overrides = {**common, **(entry.get("overrides") or {})}
+        overrides = {**common, **entry_file_properties(entry), **(entry.get("overrides") or {})}
         group = entry.get("group", "main")
         x = entry.get("x")
         if x is None and group.startswith("sweep:"):
