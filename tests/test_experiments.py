@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -429,6 +430,28 @@ def test_a_plan_run_keeps_per_user_ranks_and_reports_p_values(tiny_data, tmp_cwd
     assert ex.main([str(plan), "--report_only"]) == 0
     again = (results / "report.md").read_text()
     assert [ln for ln in again.splitlines() if "p-value" in ln] == [ln for ln in report.splitlines() if "p-value" in ln]
+
+    # a run whose ranks file is lost (or was recorded before runs kept one) runs again with --rerun_missing_ranks
+    lost = next(r for r in runs if r["method"] == "none" and r["seed"] == 43)
+    Path(lost["per_user"]).unlink()
+    shutil.rmtree(lost["run_dir"])  # as in a new checkout: saved/ is not kept
+    assert "p-values need runs" in ex.write_report(results, "cmd").read_text()
+    capsys.readouterr()
+    assert ex.main([str(plan), "--dry_run"]) == 0 and "4 runs: 4 done, 0 to run" in capsys.readouterr().out
+    assert ex.main([str(plan), "--dry_run", "--rerun_missing_ranks"]) == 0
+    dry = capsys.readouterr().out
+    assert "4 runs: 3 done, 1 to run" in dry and f"{lost['id']}" in dry and "recorded without per-user ranks" in dry
+    assert ex.main([str(plan), "--rerun_missing_ranks"]) == 0
+    printed = capsys.readouterr().out
+    assert f"[1/1] tiny/SASRec/none/seed43 (id {lost['id']}" in printed
+    assert "1 run(s) finished, 0 failed, 3 skipped" in printed
+    rerun = {r["id"]: r for r in ex.load_runs(results)[0]}
+    assert len(rerun) == 4 and Path(rerun[lost["id"]]["per_user"]).is_file()
+    assert rerun[lost["id"]]["finished"] >= lost["finished"]
+    report = (results / "report.md").read_text()
+    assert "p-values need runs" not in report
+    rows = [ln for ln in report.splitlines() if ln.startswith("| SASRec | p-value llmser vs none |")]
+    assert len(rows) == 2 and not any("—" in ln for ln in rows)
 
 
 def test_a_stopped_run_resumes_when_the_plan_runs_again(tiny_data, tmp_cwd, monkeypatch, capsys):

@@ -14,11 +14,18 @@ from recbole_llmser.experiments.plan import (
 )
 from recbole_llmser.experiments.report import write_report
 from recbole_llmser.experiments.runner import _child_main, run_folder, run_spec
+from recbole_llmser.experiments.significance import per_user_file
 from recbole_llmser.experiments.stats import metric_value
 from recbole_llmser.experiments.store import _DirLock, load_runs, record_plan
 
 
-def print_dry_run(specs, dirs, done_by_dir, out=None):
+def done_ids(records, need_ranks: bool = False) -> set:
+    """The ids of recorded runs; with ``need_ranks`` only those whose per-user ranks file exists (the others run
+    again, and their new record replaces the old one: ``--rerun_missing_ranks``)."""
+    return {r["id"] for r in records if not need_ranks or per_user_file(r) is not None}
+
+
+def print_dry_run(specs, dirs, done_by_dir, out=None, recorded_by_dir=None):
     from tabulate import tabulate
 
     from recbole_llmser.quick_start import RESULTS, TRAIN_STATE
@@ -27,6 +34,8 @@ def print_dry_run(specs, dirs, done_by_dir, out=None):
     rows = []
     for s in unique_runs(specs):
         status = "done" if s["id"] in done_by_dir[s["dataset"]] else "to run"
+        if status == "to run" and s["id"] in (recorded_by_dir or {}).get(s["dataset"], ()):
+            status = "to run (recorded without per-user ranks)"
         folder = run_folder(s)
         if status == "to run" and (folder / RESULTS).is_file():
             status = "to run (finished in its folder: recorded without training)"
@@ -91,8 +100,9 @@ def _run_one(spec, i, n, dirs, root, command, timeout, out) -> bool:
     return rec["ok"]
 
 
-def _run_todo(plan, all_specs, todo, dirs, root, command, timeout, out) -> int:
-    """Run ``todo`` with every results folder of the plan locked; returns the number of failed runs."""
+def _run_todo(plan, all_specs, todo, dirs, root, command, timeout, out, need_ranks=False) -> int:
+    """Run ``todo`` with every results folder of the plan locked (a run another runner recorded meanwhile is
+    skipped, :func:`done_ids`); returns the number of failed runs."""
     failed = 0
     datasets = list(dirs)
     locks = [_DirLock(dirs[d]) for d in datasets]
@@ -102,7 +112,7 @@ def _run_todo(plan, all_specs, todo, dirs, root, command, timeout, out) -> int:
         for d in datasets:
             record_plan(plan, [s for s in all_specs if s["dataset"] == d], dirs[d], command)
         for i, spec in enumerate(todo, 1):
-            done_now = {r["id"] for r in load_runs(dirs[spec["dataset"]])[0]}
+            done_now = done_ids(load_runs(dirs[spec["dataset"]])[0], need_ranks)
             if spec["id"] in done_now:
                 continue
             if not _run_one(spec, i, len(todo), dirs, root, command, timeout, out):
@@ -117,7 +127,7 @@ def _run_todo(plan, all_specs, todo, dirs, root, command, timeout, out) -> int:
 
 
 def run_plan(plan_path, dry_run=False, only=None, report_only=False, results_dir=None, timeout=None,
-             out=None) -> int:
+             out=None, rerun_missing_ranks=False) -> int:
     """The CLI's work; returns the exit status (0: all selected runs finished, 1: some failed)."""
     out = out or sys.stdout
     plan = load_plan(plan_path)
@@ -135,9 +145,10 @@ def run_plan(plan_path, dry_run=False, only=None, report_only=False, results_dir
     root = results_root_for(plan, results_dir)
     if report_only:
         return _report_only(plan, all_specs, dirs, root, command, out)
-    done_by_dir = {d: {r["id"] for r in load_runs(dirs[d])[0]} for d in datasets}
+    records = {d: load_runs(dirs[d])[0] for d in datasets}
+    done_by_dir = {d: done_ids(records[d], need_ranks=rerun_missing_ranks) for d in datasets}
     if dry_run:
-        print_dry_run(specs, dirs, done_by_dir, out)
+        print_dry_run(specs, dirs, done_by_dir, out, {d: done_ids(records[d]) for d in datasets})
         return 0
 
     timeout = timeout if timeout is not None else plan.get("timeout_s")
@@ -145,7 +156,7 @@ def run_plan(plan_path, dry_run=False, only=None, report_only=False, results_dir
     n_skip = len(unique_runs(specs)) - len(todo)
     print(f"plan {plan['name']}: {len(unique_runs(specs))} runs selected, {n_skip} already done, {len(todo)} to run",
           file=out, flush=True)
-    failed = _run_todo(plan, all_specs, todo, dirs, root, command, timeout, out)
+    failed = _run_todo(plan, all_specs, todo, dirs, root, command, timeout, out, rerun_missing_ranks)
     print(f"plan {plan['name']}: {len(todo) - failed} run(s) finished, {failed} failed, {n_skip} skipped (done before)",
           file=out, flush=True)
     return 1 if failed else 0
@@ -164,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="only regenerate report.md, plots and the results index from runs.jsonl")
     p.add_argument("--results_dir", default=None, help="override the plan's results_dir ('{dataset}' is replaced)")
     p.add_argument("--timeout_s", type=float, default=None, help="wall-clock limit per run (overrides the plan's)")
+    p.add_argument("--rerun_missing_ranks", action="store_true",
+                   help="also run again the recorded runs whose per-user ranks file is missing (recorded before "
+                        "runs kept one, or lost): the p-values need it; the new record replaces the old one")
     return p
 
 
@@ -174,7 +188,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run_plan(args.plan, dry_run=args.dry_run, only=args.only, report_only=args.report_only,
-                        results_dir=args.results_dir, timeout=args.timeout_s)
+                        results_dir=args.results_dir, timeout=args.timeout_s,
+                        rerun_missing_ranks=args.rerun_missing_ranks)
     except LLMSeRError as err:
         print(f"recbole_llmser.experiments: error: {err}", file=sys.stderr)
         return 2
