@@ -92,7 +92,8 @@ def test_rows_repeating_one_history_and_target_are_found():
 
     # 6 rows "3 4 -> 3" (padding past the length differs: ignored), 2 rows "3 4 -> 5" (other target), 2 rows
     # "4 3 -> 3" (other order), 10 distinct rows
-    hist = [[3, 4, 0]] * 4 + [[3, 4, 9]] * 2 + [[3, 4, 0]] * 2 + [[4, 3, 0]] * 2 + [[i, i + 1, i + 2] for i in range(10)]
+    hist = [[3, 4, 0]] * 4 + [[3, 4, 9]] * 2 + [[3, 4, 0]] * 2 + [[4, 3, 0]] * 2
+    hist += [[i, i + 1, i + 2] for i in range(10)]
     lengths = [2] * 10 + [3] * 10
     targets = [3] * 6 + [5] * 2 + [3] * 2 + list(range(10))
     keys = row_keys(np.array(hist), np.array(lengths), np.array(targets))
