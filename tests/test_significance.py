@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from recbole_llmser import experiments as ex
-from recbole_llmser.evaluation import SplitRows, read_per_user, row_metrics, write_per_user
+from recbole_llmser.evaluation import SplitRows, keep_per_user, read_per_user, row_metrics, write_per_user
 from tests.test_experiments import AUG, _record
 
 BOUNDS, NAMES = [3, 6], ["tail", "medium", "head"]  # the groups of test_experiments._record
@@ -66,6 +66,34 @@ def _write(path, users, lengths, ranks, split="test"):
                      ranks={p: np.asarray(r, dtype=np.int64) for p, r in ranks.items()})
     write_per_user(path, {split: rows}, dataset, {"group_bounds": BOUNDS, "group_names": NAMES})
     return path
+
+
+def test_kept_copies_share_one_users_file_and_read_back_the_same(tmp_path):
+    """The runner's copy of a per-user file moves the user tokens into a file shared by the runs of a dataset; it
+    reads back as the original (rows in user order), its users file is written once, and a users_file entry that
+    is not a plain users-file name is refused."""
+    users = ["zé", "a", "m", "b"]
+    a = _write(tmp_path / "a.npz", users, [2, 5, 9, 3], {"full": [4, 0, 30, 2], "uni9": [1, 0, 9, 2]})
+    b = _write(tmp_path / "b.npz", users[::-1], [3, 9, 5, 2], {"full": [1, 1, 1, 1], "uni9": [0, 0, 0, 0]})
+    out = tmp_path / "kept"
+    ka, kb = keep_per_user(a, out, "run-a"), keep_per_user(b, out, "run-b")
+    assert ka == out / "run-a.npz" and sorted(p.name for p in out.iterdir())[:2] == ["run-a.npz", "run-b.npz"]
+    assert len(list(out.glob("users-*.npz"))) == 1
+    for original, kept in ((a, ka), (b, kb)):
+        x, y = read_per_user(original), read_per_user(kept)
+        assert x["group_names"] == y["group_names"] and x["group_bounds"] == y["group_bounds"]
+        sx, sy = x["splits"]["test"], y["splits"]["test"]
+        assert sy["user"].tolist() == sorted(users)  # rows in user order
+        ox, oy = np.argsort(sx["user"]), np.argsort(sy["user"])
+        for key in ("user", "train_len", "group"):
+            assert sx[key][ox].tolist() == sy[key][oy].tolist()
+        for p in ("full", "uni9"):
+            assert sx["ranks"][p][ox].tolist() == sy["ranks"][p][oy].tolist()
+    with np.load(ka) as z:
+        arrays = {k: z[k] for k in z.files}
+    np.savez(tmp_path / "evil.npz", **{**arrays, "users_file": np.array("../a.npz")})
+    with pytest.raises(ValueError, match="is not a users file name"):
+        read_per_user(tmp_path / "evil.npz")
 
 
 def test_per_user_file_round_trip_without_pickle(tmp_path):

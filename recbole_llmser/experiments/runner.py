@@ -9,7 +9,6 @@ import functools
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +22,7 @@ from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.experiments.keys import RECORDED_SETTINGS
 from recbole_llmser.experiments.store import FAILURES, PER_USER_DIR, RUNS, WORK, _now, append_jsonl
 from recbole_llmser.methods import uses_llmser
-from recbole_llmser.utils import atomic_file, atomic_write_json
+from recbole_llmser.utils import atomic_write_json
 
 #: Result fields the child passes on from ``quick_start.run``'s result into the run's record.
 RESULT_KEYS = ("best_valid_score", "best_valid_result", "best_epoch", "epochs_trained", "resumed_at_epoch",
@@ -201,15 +200,14 @@ def run_spec(spec: dict, results_dir, timeout=None) -> dict:
 
 def _keep_per_user(path, results_dir, run_id):
     """Copy a run's per-user ranks from its run folder (under ``saved/``, which a new checkout lacks) to
-    ``<results_dir>/per_user/<run id>.npz`` beside ``runs.jsonl``, so the report's p-values survive with the
-    results; returns the path the record names (None when the run kept no file)."""
+    ``<results_dir>/per_user/<run id>.npz`` beside ``runs.jsonl`` (compact: the user tokens in a file all runs of
+    the dataset share, :func:`~recbole_llmser.evaluation.keep_per_user`), so the report's p-values survive with
+    the results; returns the path the record names (None when the run kept no file)."""
+    from recbole_llmser.evaluation import keep_per_user
+
     if not path or not Path(path).is_file():
         return path
-    kept = results_dir / PER_USER_DIR / f"{run_id}.npz"
-    kept.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "rb") as src, atomic_file(kept, "wb") as dst:
-        shutil.copyfileobj(src, dst)
-    return str(kept)
+    return str(keep_per_user(path, results_dir / PER_USER_DIR, run_id))
 
 
 # ============================================================================== inside the run's own process ==
