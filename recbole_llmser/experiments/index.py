@@ -93,7 +93,8 @@ def index_text(root) -> str:
            "One folder per dataset, each written by `python -m recbole_llmser.experiments <plan.yaml>` (plans in "
            "`plans/`): `runs.jsonl` (one line per finished run), `report.md` (every table, regenerated from it), "
            "the plots, `plans/` (the expanded plans that lay out the report's tables) and `per_user/` (each run's "
-           "per-user test and validation ranks, `<run id>.npz`, which the p-values read). This index is rewritten "
+           "per-user test and validation ranks, `<run id>.npz`, which the p-values read, and the user tokens they "
+           "share, `users-<digest>.npz`). This index is rewritten "
            "whenever the runner writes a report (after each run and with `--report_only`).", "",
            "## Folders", "", _folders_table(root, loaded), ""]
     out += ["## Summary: main tables, test NDCG@10", "",
