@@ -178,7 +178,7 @@ def test_runs_without_per_user_files_show_a_dash_and_a_footnote(tmp_path):
     text = ex.write_report(tmp_path / "old", "cmd").read_text()
     assert set(_p_row(text, "uni100")[4:]) == {"—"}
     assert text.count("`—` in a `p-value` row: p-values need runs that keep per-user ranks") == 2  # per protocol
-    assert "all 4 runs compared here were recorded before runs kept them and are not re-run for it" in text
+    assert "all 4 runs compared here were recorded without them. `--rerun_missing_ranks` runs them again." in text
 
     # one seed's base run has no file: the other seed alone is tested, and the row says so
     mixed = _runs(tmp_path / "mixed", base, [r + 1 for r in base])
@@ -189,7 +189,7 @@ def test_runs_without_per_user_files_show_a_dash_and_a_footnote(tmp_path):
     cells = _p_row(text, "uni100")
     assert cells[1] == "p-value llmser vs none (seeds with per-user ranks: 42)"
     assert cells[5] == _expected(base[:1], [base[0] + 1], "ndcg", range(12))
-    assert "1 of the 4 runs compared here were recorded before" in text
+    assert "1 of the 4 runs compared here were recorded without them" in text
 
     # a file named by its record but gone: no p-value, and the footnote says where it was looked for
     gone = _runs(tmp_path / "gone", base, [r + 1 for r in base], seeds=(42,))
@@ -232,4 +232,4 @@ def test_labelled_tables_give_p_values_against_their_first_row(tmp_path):
     text = ex.write_report(tmp_path, "cmd").read_text()
     second = text.split("### Test, protocol `uni100`")[1].split("\n\n")[1].splitlines()[3]
     assert cell(second).endswith("(seeds with per-user ranks: 42)")
-    assert "1 of the 4 runs compared here were recorded before" in text
+    assert "1 of the 4 runs compared here were recorded without them" in text

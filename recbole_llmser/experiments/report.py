@@ -129,8 +129,8 @@ def _reading_guide(records, valid_metric) -> list:
             "seeds both rows have (runs paired by seed, so `uni<N>` compares the same sampled negatives; users paired "
             "with themselves). It asks whether the difference is larger than the spread between users explains for "
             "these trained models; the spread between seeds (the ± above) is not part of it, and the many cells are "
-            "not corrected for multiple comparisons. It needs the runs' per-user ranks (`per_user.npz`, kept by "
-            "runs recorded since they exist); `—` where a run has none.",
+            "not corrected for multiple comparisons. It needs the runs' per-user ranks (`per_user/<run id>.npz` in "
+            "this folder); `—` where a run has none.",
             "* User-length groups count training items (sequence minus validation and test items), never pseudo "
             "items; each column names the group's range and its number of test users.",
             ""]

@@ -127,10 +127,9 @@ def missing_note(records) -> str:
     how_many = lambda rs: "all" if len(rs) == len(records) else f"{len(rs)} of the"  # noqa: E731
     why = []
     if before:
-        why.append(f"{how_many(before)} {len(records)} runs compared here were recorded before runs kept them and "
-                   "are not re-run for it")
+        why.append(f"{how_many(before)} {len(records)} runs compared here were recorded without them")
     if gone:
         why.append(f"the per-user file of {len(gone)} of them is no longer where their record says (e.g. "
                    f"`{gone[0]['per_user']}`)")
-    return ("\n\n`—` in a `p-value` row: p-values need runs that keep per-user ranks (`per_user.npz` in the run "
-            "folder, named by the run's record in `runs.jsonl`); " + "; ".join(why) + ".")
+    return ("\n\n`—` in a `p-value` row: p-values need runs that keep per-user ranks (`per_user/<run id>.npz` "
+            "beside `runs.jsonl`); " + "; ".join(why) + ". `--rerun_missing_ranks` runs them again.")
