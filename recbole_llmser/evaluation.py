@@ -277,6 +277,8 @@ def _users_file(path: Path, name: str) -> np.ndarray:
     """The user tokens of a compact per-user file: ``name`` in the same folder (:func:`keep_per_user`)."""
     if Path(name).name != name or not name.startswith("users-"):
         raise ValueError(f"{path}: users_file {name!r} is not a users file name")
+    if not (path.parent / name).is_file():
+        raise ValueError(f"{path}: its users file {name} is missing from {path.parent}")
     with np.load(path.parent / name, allow_pickle=False) as z:
         return np.char.decode(z["users"], "utf-8")
 

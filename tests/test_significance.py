@@ -9,6 +9,7 @@ import pytest
 
 from recbole_llmser import experiments as ex
 from recbole_llmser.evaluation import SplitRows, keep_per_user, read_per_user, row_metrics, write_per_user
+from recbole_llmser.experiments.significance import per_user_file
 from tests.test_experiments import AUG, _record
 
 BOUNDS, NAMES = [3, 6], ["tail", "medium", "head"]  # the groups of test_experiments._record
@@ -94,6 +95,12 @@ def test_kept_copies_share_one_users_file_and_read_back_the_same(tmp_path):
     np.savez(tmp_path / "evil.npz", **{**arrays, "users_file": np.array("../a.npz")})
     with pytest.raises(ValueError, match="is not a users file name"):
         read_per_user(tmp_path / "evil.npz")
+    # a copy whose users file is gone reads as no file: its p-values become '—' with the footnote
+    assert per_user_file({"per_user": str(ka)}) == ka
+    next(out.glob("users-*.npz")).unlink()
+    with pytest.raises(ValueError, match="users file users-.* is missing"):
+        read_per_user(ka)
+    assert per_user_file({"per_user": str(ka)}) is None
 
 
 def test_per_user_file_round_trip_without_pickle(tmp_path):

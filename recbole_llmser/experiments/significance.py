@@ -21,9 +21,17 @@ SPLIT = "test"
 
 
 def per_user_file(record):
-    """The record's per-user file when it exists (a relative path is read from the current directory), else None."""
+    """The record's per-user file when it exists and reads (a relative path is read from the current directory;
+    a compact copy needs its users file too), else None."""
     path = record.get("per_user")
     if not path or not Path(path).is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:  # lazy: reads only the users_file entry
+            users_file = str(z["users_file"]) if "users_file" in z.files else None
+    except (OSError, ValueError):
+        return None
+    if users_file is not None and not (Path(path).parent / Path(users_file).name).is_file():
         return None
     return Path(path)
 
