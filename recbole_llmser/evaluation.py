@@ -258,7 +258,7 @@ def read_per_user(path) -> dict:
             raise ValueError(f"{path}: not a per-user ranks file of format {PER_USER_FORMAT}")
         out = {"group_names": [str(n) for n in z["group_names"]], "group_bounds": z["group_bounds"].tolist(),
                "splits": {}}
-        users = _users_file(path, str(z["users_file"])) if "users_file" in files else None
+        users = _read_users(path, str(z["users_file"])) if "users_file" in files else None
         for key in sorted(files):
             split, _, rest = key.partition(".")
             if not rest:
@@ -273,13 +273,29 @@ def read_per_user(path) -> dict:
     return out
 
 
-def _users_file(path: Path, name: str) -> np.ndarray:
-    """The user tokens of a compact per-user file: ``name`` in the same folder (:func:`keep_per_user`)."""
+def users_file_of(path) -> Path | None:
+    """The users file a compact per-user copy (:func:`keep_per_user`) names, in the copy's folder (it may be
+    missing); None for a full per-user file. ValueError when the file does not read or names no users file."""
+    path = Path(path)
+    with np.load(path, allow_pickle=False) as z:  # lazy: reads only the users_file entry
+        if "users_file" not in z.files:
+            return None
+        name = str(z["users_file"])
+    return _users_path(path, name)
+
+
+def _users_path(path: Path, name: str) -> Path:
     if Path(name).name != name or not name.startswith("users-"):
         raise ValueError(f"{path}: users_file {name!r} is not a users file name")
-    if not (path.parent / name).is_file():
+    return path.parent / name
+
+
+def _read_users(path: Path, name: str) -> np.ndarray:
+    """The user tokens of a compact per-user file: ``name`` in the same folder (:func:`keep_per_user`)."""
+    users_path = _users_path(path, name)
+    if not users_path.is_file():
         raise ValueError(f"{path}: its users file {name} is missing from {path.parent}")
-    with np.load(path.parent / name, allow_pickle=False) as z:
+    with np.load(users_path, allow_pickle=False) as z:
         return np.char.decode(z["users"], "utf-8")
 
 
@@ -379,13 +395,12 @@ def shared_rows(histories, lengths, targets, threshold: float = SHARED_ROW_SHARE
     return out
 
 
-def shared_rows_line(split: str, shared: list, n_rows: int, tokens=None) -> str:
-    """One log line about a split's shared rows (''  when there are none); item ids shown as ``tokens[id]``."""
+def shared_rows_line(split: str, shared: list, n_rows: int) -> str:
+    """One log line about a split's shared rows (''  when there are none), items shown as given in ``shared``."""
     if not shared:
         return ""
-    name = (lambda i: str(tokens[i])) if tokens is not None else str  # noqa: E731
     covered = sum(s["rows"] for s in shared)
-    pairs = "; ".join(f"{' '.join(map(name, s['history']))} -> {name(s['target'])}: {s['rows']} rows"
+    pairs = "; ".join(f"{' '.join(map(str, s['history']))} -> {s['target']}: {s['rows']} rows"
                       for s in shared[:3])
     more = f"; and {len(shared) - 3} more" if len(shared) > 3 else ""
     chosen = ", and a model chosen on it is chosen largely on them" if split == "validation" else ""

@@ -107,7 +107,7 @@ def test_rows_repeating_one_history_and_target_are_found():
     assert shared_rows(np.zeros((0, 3), np.int64), [], []) == []
     # the keys do not depend on how the rows are chunked
     assert (row_keys(np.array(hist), np.array(lengths), np.array(targets), chunk=3) == keys).all()
-    line = shared_rows_line("validation", found[:1], 20, tokens=np.array(["[PAD]", "a", "b", "c", "d", "e"]))
+    line = shared_rows_line("validation", [{**found[0], "history": ["c", "d"], "target": "c"}], 20)
     assert line.startswith("validation: 6 of 20 rows (30%) repeat 1 (history, target) pair(s) exactly")
     assert "(c d -> c: 6 rows)" in line and "a model chosen on it" in line
     assert "chosen" not in shared_rows_line("test", found[:1], 20) and shared_rows_line("test", [], 20) == ""

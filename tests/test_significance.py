@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from recbole_llmser import experiments as ex
-from recbole_llmser.evaluation import SplitRows, keep_per_user, read_per_user, row_metrics, write_per_user
+from recbole_llmser.evaluation import (SplitRows, keep_per_user, read_per_user, row_metrics, users_file_of,
+                                       write_per_user)
 from recbole_llmser.experiments.significance import per_user_file
 from tests.test_experiments import AUG, _record
 
@@ -95,6 +96,9 @@ def test_kept_copies_share_one_users_file_and_read_back_the_same(tmp_path):
     np.savez(tmp_path / "evil.npz", **{**arrays, "users_file": np.array("../a.npz")})
     with pytest.raises(ValueError, match="is not a users file name"):
         read_per_user(tmp_path / "evil.npz")
+    assert per_user_file({"per_user": str(tmp_path / "evil.npz")}) is None
+    assert users_file_of(a) is None and users_file_of(ka) == next(out.glob("users-*.npz"))
+    assert per_user_file({"per_user": str(a)}) == a  # a full file needs no users file
     # a copy whose users file is gone reads as no file: its p-values become '—' with the footnote
     assert per_user_file({"per_user": str(ka)}) == ka
     next(out.glob("users-*.npz")).unlink()

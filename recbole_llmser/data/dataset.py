@@ -110,12 +110,12 @@ class SequentialDataset(_RecBoleSequentialDataset):
                 inter = part.inter_feat
                 found = shared_rows(inter[self.item_id_list_field].numpy(), inter[self.item_list_length_field].numpy(),
                                     inter[self.iid_field].numpy())
-                self.shared_rows[name] = {"n_rows": len(inter), "pairs": [
-                    {**s, "history": [str(tokens[i]) for i in s["history"]], "target": str(tokens[s["target"]])}
-                    for s in found]}
-                if found:
+                pairs = [{**s, "history": [str(tokens[i]) for i in s["history"]], "target": str(tokens[s["target"]])}
+                         for s in found]
+                self.shared_rows[name] = {"n_rows": len(inter), "pairs": pairs}
+                if pairs:
                     self.logger.warning(f"dataset '{self.dataset_name}' " + shared_rows_line(
-                        "validation" if name == "valid" else name, found, len(inter), tokens))
+                        "validation" if name == "valid" else name, pairs, len(inter)))
         return datasets
 
     def _load_inter_feat(self, token, dataset_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recbole_llmser.evaluation import read_per_user, row_metrics
+from recbole_llmser.evaluation import read_per_user, row_metrics, users_file_of
 from recbole_llmser.experiments.stats import PairedTest, fmt_p, paired_test
 
 #: The split the p-values are about (the tables show test metrics).
@@ -27,11 +27,10 @@ def per_user_file(record):
     if not path or not Path(path).is_file():
         return None
     try:
-        with np.load(path, allow_pickle=False) as z:  # lazy: reads only the users_file entry
-            users_file = str(z["users_file"]) if "users_file" in z.files else None
+        users_file = users_file_of(path)
     except (OSError, ValueError):
         return None
-    if users_file is not None and not (Path(path).parent / Path(users_file).name).is_file():
+    if users_file is not None and not users_file.is_file():
         return None
     return Path(path)
 
