@@ -27,7 +27,7 @@ setup(
     packages=["recbole_llmser", "recbole_llmser.data", "recbole_llmser.augment", "recbole_llmser.tslrec",
               "recbole_llmser.experiments", "recbole_llmser.properties"],
     package_dir={"recbole_llmser.properties": "properties"},
-    package_data={"recbole_llmser.properties": ["*.yaml", "model/*.yaml", "dataset/*.yaml"]},
+    package_data={"recbole_llmser.properties": ["*.yaml", "model/*.yaml", "dataset/*.yaml", "presets/*.yaml"]},
     py_modules=["run_recbole_llmser"],
     install_requires=["recbole==1.2.1", "torch>=1.10"] + requirements("requirements.txt"),
     extras_require={"dev": requirements("requirements-dev.txt"), "tslrec": requirements("requirements-tslrec.txt")},

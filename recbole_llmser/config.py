@@ -48,11 +48,27 @@ def bundled_dataset_dir() -> Path:
     return REPO_DIR / "dataset"
 
 
+def bundled_preset(name: str) -> Path | None:
+    """The shipped preset property file ``properties/presets/<name>`` (``name`` with or without ``.yaml``), or
+    None. Presets are passed like any property file: ``--config_files=<its path>``."""
+    try:
+        folder = properties_dir() / "presets"
+    except LLMSeRError:
+        return None
+    name = Path(name).name
+    for candidate in (folder / name, folder / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 def read_yaml(path, loader=yaml.FullLoader) -> dict:
     """Read one yaml mapping, or raise a one-line error naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise LLMSeRError(f"{path}: config file not found")
+        preset = bundled_preset(path.name)
+        hint = f" (the bundled preset of that name is {preset}: pass that path)" if preset else ""
+        raise LLMSeRError(f"{path}: config file not found{hint}")
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.load(f.read(), Loader=loader)

@@ -89,6 +89,30 @@ def test_malformed_yaml_names_file_and_line(tmp_path):
         Config("SASRec", "amazon-fashion-ids", config_file_list=[str(tmp_path / "missing.yaml")], cmd_args=[])
 
 
+def test_shipped_presets_are_valid_property_files_that_config_files_applies(tmp_path, tmp_cwd):
+    """Each file in properties/presets sets only known properties (a typo would be silently ignored by RecBole),
+    differs from the defaults in every key it sets, passes the schema's checks, and ``--config_files`` applies it;
+    a preset path that does not exist from here names the shipped file."""
+    import yaml
+
+    from recbole_llmser.config import bundled_preset, properties_dir
+    from recbole_llmser.schema import PROPS
+
+    presets = sorted((properties_dir() / "presets").glob("*.yaml"))
+    assert [p.name for p in presets] == ["full_ranking.yaml"]
+    defaults = Config("SASRec", "amazon-beauty", cmd_args=[])
+    for preset in presets:
+        values = yaml.safe_load(preset.read_text())
+        assert values and set(values) <= set(PROPS), set(values) - set(PROPS)
+        assert all(defaults[k] != v for k, v in values.items())
+        c = Config("SASRec", "amazon-beauty", config_file_list=[str(preset)], cmd_args=[])
+        assert {k: c[k] for k in values} == values
+        assert bundled_preset(preset.stem) == bundled_preset(preset.name) == preset
+        with pytest.raises(LLMSeRError, match=f"the bundled preset of that name is {preset}"):
+            Config("SASRec", "amazon-beauty", config_file_list=[f"presets/{preset.name}"], cmd_args=[])
+    assert bundled_preset("no_such_preset") is None
+
+
 def test_unknown_and_unsupported_models():
     with pytest.raises(LLMSeRError, match="no such model"):
         Config("NoSuchRec", "amazon-fashion-ids", cmd_args=[])

@@ -134,7 +134,7 @@ def test_an_entry_reads_properties_from_config_files_and_keeps_the_run_id_of_the
     assert a["overrides"] == {"epochs": 3, "aug_num_pseudo": 2, "aug_targets": "real"} == b["overrides"]
     assert a["id"] == b["id"] and a["config_dict"]["aug_targets"] == "real"
     assert c["overrides"] == {"epochs": 3, "aug_num_pseudo": 2, "aug_targets": "all", "aug_decay_beta": 0.5}
-    for files, words in ((["missing.yaml"], "config_files: missing.yaml: file not found"),
+    for files, words in ((["missing.yaml"], "config_files: missing.yaml: config file not found"),
                          (["bad.yaml"], "bad.yaml: malformed YAML"), (["list.yaml"], "expected a mapping"),
                          (["axis.yaml"], "overrides may not set \\['seed'\\]")):
         (tmp_cwd / "bad.yaml").write_text("a: [1\n")

@@ -122,18 +122,14 @@ def entry_file_properties(entry: dict, at: str = "plan") -> dict:
     passes with ``--config_files``), merged in order; a path is read from the current directory."""
     files = entry.get("config_files") or []
     files = files if isinstance(files, list) else str(files).split()
+    from recbole_llmser.config import read_yaml
+
     merged = {}
     for name in files:
-        path = Path(name)
-        if not path.is_file():
-            raise LLMSeRError(f"{at}: config_files: {path}: file not found (paths are read from the current directory)")
         try:
-            props = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise LLMSeRError(f"{at}: config_files: {path}: malformed YAML: {str(err).splitlines()[0]}") from None
-        if not isinstance(props, dict):
-            raise LLMSeRError(f"{at}: config_files: {path}: expected a mapping of properties")
-        merged.update(props)
+            merged.update(read_yaml(name, yaml.SafeLoader))
+        except LLMSeRError as err:
+            raise LLMSeRError(f"{at}: config_files: {err} (paths are read from the current directory)") from None
     return merged
 
 
