@@ -213,9 +213,17 @@ def test_dry_run_makes_no_call(tiny_data, tmp_cwd, capsys):
         argv = ["--model=SASRec", "--dataset=tiny", "--method=llmser", "--dry_run", f"--llm_base_url={server.base_url}",
                 *[f"--{k}={v}" for k, v in tiny_config_dict(data, **SMALL).items() if k not in ("method", "stage")]]
         assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert main(argv + ["--snf_mode=llm_only"]) == 0  # a baseline's text pool needs no helper: the real one
+        assert "the baseline's own candidates" in capsys.readouterr().out
         assert server.calls() == 0
+    assert "dry run" in out and "calls" in out and "stand in for CCG's candidates" in out
+    assert not list(tmp_cwd.rglob("*.pth"))  # no helper model trained: a dry run on the paper's settings is instant
+    # the offline stand-in asks no LLM: the dry run says so, and trains nothing either
+    assert main([a for a in argv if not a.startswith("--llm_base_url")] + ["--llm_backend=offline"]) == 0
     out = capsys.readouterr().out
-    assert "dry run" in out and "calls" in out
+    assert "dry run: backend offline" in out and "no LLM calls" in out
+    assert not list(tmp_cwd.rglob("*.pth"))
 
 
 def test_budget_stop_then_resume(tiny_data, tmp_cwd):

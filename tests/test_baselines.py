@@ -46,6 +46,13 @@ def test_ranked_by_count_then_by_the_seeded_key():
     assert bl.ranked(counts, set(), swapped) == [4, 5, 6, 7]
 
 
+def test_popular_outside_skips_the_prefix_items_and_stops_at_k():
+    popular = [5, 3, 9, 1, 7]
+    got = bl.popular_outside([[3, 5], [], [5, 3, 9, 1, 7], [1]], popular, 3)
+    assert [g.tolist() for g in got] == [[9, 1, 7], [5, 3, 9], [], [5, 3, 9]]
+    assert all(g.dtype == np.int64 for g in got)
+
+
 def test_cooccurrence_ranks_predecessors_of_the_first_item_then_falls_back_to_popularity():
     # user u = [1, 9]; other users' prefixes put 2 before 1 twice, 3 before 1 once, 9 (u's own item) before 1 once
     others = [[2, 1], [2, 1, 5], [3, 1], [9, 1], [5, 6, 5, 6]]

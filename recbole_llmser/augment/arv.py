@@ -103,12 +103,12 @@ def request(user: str, history_titles, cand_titles, n_arv: int) -> LLMRequest:
                       expected_completion_tokens=expected_answer_tokens(1))
 
 
-def dry_run_requests(ctx: StageContext, ccg_candidates: np.ndarray):
-    """The ARV requests a dry run counts: ARV's candidates come from P_u, which only SNF's answers give, so CCG's
-    top ``arv_num_candidates`` stand in for them."""
+def dry_run_requests(ctx: StageContext, candidates):
+    """The ARV requests a dry run counts: ARV's candidates come from P_u, which only SNF's answers give, so the first
+    ``arv_num_candidates`` of the dry run's candidate lists (one per selected user) stand in for them."""
     if ctx.config["arv_weight"] is not None:
         return []
     n_arv = int(ctx.config["arv_num_candidates"])
     return (request(ctx.user_token(i), ctx.titles(ctx.history(i, drop_last=True)),
-                    ctx.titles(ctx.show("arv", i, ccg_candidates[row][:n_arv])), n_arv)
+                    ctx.titles(ctx.show("arv", i, candidates[row][:n_arv])), n_arv)
             for row, i in enumerate(ctx.rows) if len(ctx.prefixes[i]) >= 2)

@@ -76,6 +76,11 @@ def _answered(config) -> bool:
     return config["snf_mode"] in PICKING_MODES or config["arv_weight"] is None
 
 
+def has_client(config, backend: str) -> bool:
+    """Whether a client answers a stage of this run: the LLM (:func:`asks_llm`) or the local LM (``lm_score``)."""
+    return asks_llm(config, backend) or (backend == LM_SCORE and _answered(config))
+
+
 def backend_settings(config, backend: str) -> dict:
     """What an artifact depends on beyond the common settings, per backend: for ``lm_score``, when it answers a
     stage, the LM (name, file fingerprint, dtype, token cut) and the scoring version
@@ -148,21 +153,25 @@ class StageContext:
         return shown.items
 
 
-def stage_context(config, dataset, backend, users, prefixes, rows, forward, root: Path) -> StageContext:
-    """Item vectors (embedded once per dataset and semantic backend, under ``root/embeddings``), prompt titles, the
-    LLM client (cache ``root/llm_cache.jsonl``; only when a stage asks the LLM), the LM-score client (cache
-    ``root/lm_score_cache.jsonl``; only when a stage is answered) or the offline ranker."""
+def stage_context(config, dataset, backend, users, prefixes, rows, forward, root: Path,
+                  embed: bool = True) -> StageContext:
+    """Item vectors (embedded once per dataset and semantic backend, under ``root/embeddings``; none without
+    ``embed``, for a dry run that only counts tokens), prompt titles, the LLM client (cache ``root/llm_cache.jsonl``;
+    only when a stage asks the LLM), the LM-score client (cache ``root/lm_score_cache.jsonl``; only when a stage is
+    answered) or the offline ranker."""
     texts = item_texts(dataset, config["item_text_field"]) if backend != "model" else None
-    matcher = None
-    if texts is not None:
+    vectors = matcher = None
+    if texts is not None and embed:
         vectors, matcher = _item_vectors(config, texts, root)
-    else:
+    elif texts is None:
         vectors = _model_vectors(forward)
     snf_mode, const_w = config["snf_mode"], config["arv_weight"]
     if snf_mode != "filter" or const_w is not None:
         getLogger().info(f"augmentation ablation: snf_mode={snf_mode}, arv_weight={const_w}")
-    client = llm_client(config, root) if asks_llm(config, backend) else None
-    if backend == LM_SCORE and _answered(config):
+    client = None
+    if asks_llm(config, backend):
+        client = llm_client(config, root)
+    elif has_client(config, backend):
         client = lm_score_client(config, root)
         getLogger().info(f"augmentation: SNF and ARV candidates ranked by {client.settings.model} (lm_score: "
                          "length-normalised title log-likelihood after the history; scores cached in "

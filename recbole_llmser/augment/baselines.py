@@ -74,6 +74,22 @@ def ranked(counts: dict, exclude, keys, limit=None) -> list:
     return order if limit is None else order[:limit]
 
 
+def popular_outside(prefixes, popular: list, k: int) -> list:
+    """Per prefix, the first ``k`` items of ``popular`` (most frequent first) that the prefix does not hold: what a
+    dry run, which trains no helper model, shows the LLM in place of CCG's candidates."""
+    out = []
+    for prefix in prefixes:
+        own = set(int(i) for i in prefix)
+        picked = []
+        for item in popular:
+            if len(picked) == k:
+                break
+            if item not in own:
+                picked.append(item)
+        out.append(np.asarray(picked, dtype=np.int64))
+    return out
+
+
 def cooccurrence_items(prefix, predecessors: dict, popular: list, keys, m: int) -> tuple:
     """``(items, filled)``: user's M pseudo items best first (the most frequent direct predecessor of the prefix's
     first item first), and how many of them the popularity fallback (``popular``) supplied."""

@@ -58,7 +58,7 @@ from pathlib import Path
 from recbole_llmser.augment import arv, baselines, ccg, snf
 from recbole_llmser.augment.backends import LLM_STAGES, StageContext, backend_settings, model_name
 from recbole_llmser.augment.backends import resolve_backend, stage_context
-from recbole_llmser.augment.backends import asks_llm
+from recbole_llmser.augment.backends import asks_llm, has_client
 from recbole_llmser.augment.llm import RETRYABLE_ERROR_KINDS, quiet_http_logs
 from recbole_llmser.augment.presentation import LLM_AUG_KEYS, echo_rates, warn_if_echoing
 from recbole_llmser.augment.prompts import ARV_TEMPLATE_VERSION, SNF_TEMPLATE_VERSION
@@ -106,6 +106,8 @@ def _run_augmentation(config, dataset, dry_run):
             return out_dir / ARTIFACT
     chosen = set(snf.select_users({int(u): len(p) for u, p in zip(users, prefixes)}, config["aug_max_len"]))
     rows = [i for i, u in enumerate(users) if int(u) in chosen]
+    if dry_run:
+        return _dry_run(config, dataset, backend, users, prefixes, rows, out_dir.parent)
     getLogger().info(f"augmentation: backend {backend}, {len(rows)} of {len(users)} users selected, output {out_dir}")
     timings = {}
 
@@ -125,8 +127,6 @@ def _run_augmentation(config, dataset, dry_run):
     t = time.monotonic()
     items, source = _baseline_candidates(ctx, out_dir.parent) if baseline else (candidates.items, None)
     requests = snf.llm_requests(ctx, items)  # a generator: the LLM client streams it
-    if dry_run:
-        return _dry_run(ctx, requests, items)
     picks, pseudo = snf.run(ctx, items, requests)
     timings["snf"] = time.monotonic() - t
 
@@ -191,15 +191,29 @@ def _failed_in(config, backend, summary_path) -> tuple:
     return len({user for users in listed.values() for user in users}), False
 
 
-def _dry_run(ctx: StageContext, snf_requests, ccg_candidates) -> None:
-    """Print what SNF and ARV would ask the LLM (calls, tokens, cost); ask nothing."""
-    config = ctx.config
-    if ctx.client is None:
-        print(f"dry run: backend {ctx.backend}, snf_mode {config['snf_mode']}, arv_weight {config['arv_weight']}: "
+def _dry_run(config, dataset, backend, users, prefixes, rows, root) -> None:
+    """Print what SNF and ARV would ask the LLM (calls, tokens, cost); ask nothing and train nothing. CCG's
+    candidates come from the helper models, which a dry run does not train: the ``ccg_num_candidates`` most frequent
+    training items outside each user's prefix stand in for them (a baseline's pool needs no helper: the real one).
+    The number of calls is exact, the tokens an estimate."""
+    if not has_client(config, backend):
+        print(f"dry run: backend {backend}, snf_mode {config['snf_mode']}, arv_weight {config['arv_weight']}: "
               "no LLM calls")
         return None
-    estimate = ctx.client.estimate(snf_requests) + ctx.client.estimate(arv.dry_run_requests(ctx, ccg_candidates))
-    print(f"dry run ({model_name(ctx)}, SNF + ARV, ARV candidates approximated by CCG order):\n"
+    pool = config["snf_mode"] in baselines.BASELINES  # a baseline's pool: text similarity, the vectors needed
+    ctx = stage_context(config, dataset, backend, users, prefixes, rows, None, root, embed=pool)
+    k = int(config["ccg_num_candidates"])
+    if pool:
+        items, _ = _baseline_candidates(ctx, root)
+        stand_in = "the baseline's own candidates"
+    else:
+        popular = baselines.popularity_order(prefixes, baselines.tiebreak_keys(dataset.item_num, int(config["seed"])))
+        items = baselines.popular_outside([prefixes[i] for i in rows], popular, k)
+        stand_in = (f"no helper model is trained, so the {k} most frequent training items outside each user's "
+                    "prefix stand in for CCG's candidates and ARV's")
+    estimate = ctx.client.estimate(snf.llm_requests(ctx, items)) + ctx.client.estimate(
+        arv.dry_run_requests(ctx, items))
+    print(f"dry run ({model_name(ctx)}, SNF + ARV; {stand_in}: calls exact, tokens estimated):\n"
           + estimate.format())
     return None
 
