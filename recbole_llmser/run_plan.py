@@ -52,8 +52,9 @@ def plan_lines(config, dry_run: bool = False) -> list:
         else:
             lines.append(f"  LLMSeR augmentation: CCG reverse and ARV forward {config['ccg_model']} helpers, "
                          f"{_epochs(config['ccg_epochs'])} each; SNF and ARV by {_backend_phrase(config)}, two calls a "
-                         "user; helpers and the artifact are reused from <checkpoint_dir>/<dataset>/augment/ when "
-                         "their settings and data match")
+                         f"user; K={config['ccg_num_candidates']} candidates, k={config['snf_num_picks']} picks, "
+                         f"M={config['aug_num_pseudo']} pseudo items per user; helpers and the artifact are reused "
+                         "from <checkpoint_dir>/<dataset>/augment/ when their settings and data match")
     if uses_tslrec(config):
         if config["tsl_embedding_file"] and stage not in ("augment", "reconstruct"):
             lines.append(f"  TSLRec item embeddings: the table {config['tsl_embedding_file']}")

@@ -23,6 +23,9 @@ def test_paper_settings_on_a_cpu_warn_and_show_the_short_settings(tmp_path):
     assert lines[0].startswith("plan: SASRec on tiny, method llmser, stage all, device cpu")
     assert any("CCG reverse and ARV forward SASRec helpers, 30 epochs each" in line for line in lines)
     assert any("offline embedding stand-in" in line for line in lines)
+    assert any("K=20 candidates, k=15 picks, M=12 pseudo items per user" in line for line in lines)
+    preset = _config(tmp_path, aug_num_pseudo=2)  # a preset's M shows in the plan
+    assert any("M=2 pseudo items per user" in line for line in plan_lines(preset))
     assert any("up to 200 epochs" in line for line in lines)
     assert any("hours to days" in line and SHORT_CPU_SETTINGS in line for line in lines)
     short = _config(tmp_path, epochs=1, ccg_epochs=1, MAX_ITEM_LIST_LENGTH=20, method="none", use_gpu=True)
