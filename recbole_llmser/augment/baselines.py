@@ -74,40 +74,30 @@ def ranked(counts: dict, exclude, keys, limit=None) -> list:
     return order if limit is None else order[:limit]
 
 
+def first_outside(popular: list, taken: set, k: int) -> list:
+    """The first ``k`` items of ``popular`` (most frequent first) that are not in ``taken``."""
+    picked = []
+    for item in popular:
+        if len(picked) == k:
+            break
+        if item not in taken:
+            picked.append(item)
+    return picked
+
+
 def popular_outside(prefixes, popular: list, k: int) -> list:
-    """Per prefix, the first ``k`` items of ``popular`` (most frequent first) that the prefix does not hold: what a
-    dry run, which trains no helper model, shows the LLM in place of CCG's candidates."""
-    out = []
-    for prefix in prefixes:
-        own = set(int(i) for i in prefix)
-        picked = []
-        for item in popular:
-            if len(picked) == k:
-                break
-            if item not in own:
-                picked.append(item)
-        out.append(np.asarray(picked, dtype=np.int64))
-    return out
+    """Per prefix, the first ``k`` items of ``popular`` that the prefix does not hold: what a dry run, which trains
+    no helper model, shows the LLM in place of CCG's candidates."""
+    return [np.asarray(first_outside(popular, set(int(i) for i in prefix), k), dtype=np.int64) for prefix in prefixes]
 
 
 def cooccurrence_items(prefix, predecessors: dict, popular: list, keys, m: int) -> tuple:
     """``(items, filled)``: user's M pseudo items best first (the most frequent direct predecessor of the prefix's
     first item first), and how many of them the popularity fallback (``popular``) supplied."""
     own = set(int(i) for i in prefix)
-    first = int(prefix[0])
-    items = ranked(predecessors.get(first, {}), own, keys, m)
-    need = m - len(items)
-    if need > 0:
-        taken = own | set(items)
-        fill = []
-        for item in popular:
-            if item not in taken:
-                fill.append(item)
-                if len(fill) == need:
-                    break
-        items += fill
-        return items, len(fill)
-    return items, 0
+    items = ranked(predecessors.get(int(prefix[0]), {}), own, keys, m)
+    fill = first_outside(popular, own | set(items), m - len(items)) if len(items) < m else []
+    return items + fill, len(fill)
 
 
 def training_item_mask(prefixes, n_items: int) -> np.ndarray:
