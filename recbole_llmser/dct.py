@@ -162,6 +162,15 @@ def windows_from_rows(rows: Rows, max_len: int) -> Windows:
     )
 
 
+def eval_pseudo_users(n_pseudo, weight_by_user, min_weight: float) -> np.ndarray:
+    """Mask of the users whose validation/test inputs get their pseudo items (``aug_at_eval``): users with pseudo
+    items whose DCT weight ``w̃_u`` is at least ``aug_eval_min_weight`` (0: every user with pseudo items, the
+    paper). NaN weights (no record) never pass."""
+    weight = np.asarray(weight_by_user, np.float64)
+    with np.errstate(invalid="ignore"):
+        return (np.asarray(n_pseudo) > 0) & (weight >= float(min_weight))
+
+
 def sample_channels(weight_by_user, seed: int, epoch: int) -> np.ndarray:
     """``dct_mode: sample``: per user, True (train the augmented channel this epoch) with probability ``w̃_u``
     (NaN counts as 0). The same (seed, epoch) gives the same draw in every process."""

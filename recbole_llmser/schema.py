@@ -342,6 +342,9 @@ SECTIONS = (
           "(str) all: augmented rows also predict pseudo items p2..pM; real: only the user's own items."),
         P("aug_at_eval", True, boolean,
           "(bool) Prepend the pseudo items to validation/test inputs too (paper); targets never change."),
+        P("aug_eval_min_weight", 0.0, unit_interval,
+          "(float) With aug_at_eval, prepend them only for users whose w_tilde is at least this (0: every augmented "
+          "user, the paper)."),
         P("aug_bad_records", "error", choice("error", "skip"),
           "(str) error: stop on the first bad artifact record; skip: skip and count them."),
         P("dct_mode", "exact", choice("exact", "sample"),

@@ -24,6 +24,7 @@ from recbole_llmser.dct import (
     all_positions,
     all_positions_loss,
     dual_channel_rows,
+    eval_pseudo_users,
     per_row_loss,
     row_weighted_loss_fct,
     sample_channels,
@@ -238,6 +239,28 @@ def test_eval_inputs_get_pseudo_items_and_targets_never_change(hand, aug_at_eval
         "test": {**plain["test"], "u2": (("r", "x", "y"), "z")},   # u1, u4: pseudo items truncated away
     }
     assert views == expected
+
+
+def test_eval_pseudo_items_gated_by_weight(hand):
+    """aug_eval_min_weight: only users whose w_tilde reaches it get their pseudo items at evaluation (u4: 0.5 < 0.6
+    keeps RecBole's history; u2: 1.0 keeps its pseudo item); training rows are unchanged."""
+    data, artifact = hand
+    common = dict(dataset="hand", method="llmser", aug_file=str(artifact), MAX_ITEM_LIST_LENGTH=3)
+    dataset, (train, valid, test) = _build(_config(data, **common, aug_eval_min_weight=0.6))
+    views = {name: {k[0]: k[1:] for k in _row_view(dataset, part._dataset.inter_feat)}
+             for name, part in (("valid", valid), ("test", test))}
+    assert views["valid"]["u4"] == (("k", "l"), "m")
+    assert views["test"]["u2"] == (("r", "x", "y"), "z")
+    _, (ungated_train, _, _) = _build(_config(data, **common))
+    assert _window_view(dataset, train._dataset.inter_feat) == _window_view(dataset, ungated_train._dataset.inter_feat)
+
+
+def test_eval_pseudo_users_mask():
+    n_pseudo = np.array([0, 2, 2, 1, 3])
+    w_tilde = np.array([np.nan, 0.2, 0.5, np.nan, 1.0])
+    assert eval_pseudo_users(n_pseudo, w_tilde, 0.0).tolist() == [False, True, True, False, True]
+    assert eval_pseudo_users(n_pseudo, w_tilde, 0.5).tolist() == [False, False, True, False, True]
+    assert eval_pseudo_users(n_pseudo, w_tilde, 1.0).tolist() == [False, False, False, False, True]
 
 
 def test_without_artifact_rows_equal_recbole_rows(tiny_data, tmp_cwd):

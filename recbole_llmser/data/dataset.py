@@ -25,6 +25,7 @@ from recbole_llmser.dct import (
     WEIGHT_FIELD,
     WEIGHT_LIST_FIELD,
     dual_channel_rows,
+    eval_pseudo_users,
     uses_all_positions,
     windows_from_rows,
 )
@@ -391,7 +392,8 @@ class AugmentedSequentialDataset(SequentialDataset):
       / ``dct_weight_list`` = target item and weight per input position, ``dct_channel`` = the sequence
       (ORIGINAL / AUGMENTED); the row's scalar fields are those of its last target.
     * Validation / test rows: with ``aug_at_eval`` the history becomes (P_u ⊕ history) truncated from the left
-      to ``MAX_ITEM_LIST_LENGTH`` (other list fields get 0 at pseudo positions); targets never change.
+      to ``MAX_ITEM_LIST_LENGTH`` (other list fields get 0 at pseudo positions) for the users whose ``w̃_u`` is at
+      least ``aug_eval_min_weight``; targets never change.
     * ``user_train_len`` / ``user_items`` keep counting original interactions only.
     """
 
@@ -453,8 +455,14 @@ class AugmentedSequentialDataset(SequentialDataset):
         train.dct_user_weight = aug.w_tilde
         train.dct_n_rows = len(rows.user)
         if self.config["aug_at_eval"]:
+            gated = eval_pseudo_users(table.n_pseudo, aug.w_tilde, self.config["aug_eval_min_weight"])
             for part, name in ((valid, "valid"), (test, "test")):
-                self._prepend_pseudo(part, table, positions[name])
+                self._prepend_pseudo(part, table, positions[name], gated)
+            if aug.pseudo and self.config["aug_eval_min_weight"] > 0:
+                self.logger.info(
+                    f"DCT evaluation inputs: pseudo items prepended for {int(gated.sum())} of {len(aug.pseudo)} "
+                    f"augmented users (w_tilde >= aug_eval_min_weight = {self.config['aug_eval_min_weight']})"
+                )
         self._log_rows(rows, train, valid, test)
         return [train, valid, test]
 
@@ -465,11 +473,12 @@ class AugmentedSequentialDataset(SequentialDataset):
         data[CHANNEL_FIELD] = torch.from_numpy(rows.flag.astype(np.int64))
         return Interaction(data)
 
-    def _prepend_pseudo(self, part, table, pos):
-        """Rebuild the histories of a validation/test split from the augmented sequences (targets kept)."""
+    def _prepend_pseudo(self, part, table, pos, users):
+        """Rebuild the histories of a validation/test split from the augmented sequences of ``users`` (a mask over
+        users; the others keep RecBole's history); targets kept."""
         inter = part.inter_feat
         user = inter[self.uid_field].numpy()
-        seq = (table.n_pseudo[user] > 0).astype(np.int64)
+        seq = users[user].astype(np.int64)
         end = pos + np.where(seq == 1, table.n_pseudo[user], 0)
         start = np.maximum(end - self.max_item_list_len, 0)
         data = self._rows_interaction(table, user, seq, start, end - start, table.index(user, seq, end))
