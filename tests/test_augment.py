@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from recbole_llmser import helper_models
+from recbole_llmser.augment import backends
 from recbole_llmser.cli import main
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.quick_start import run
@@ -207,7 +208,7 @@ def test_llm_retry_failed_false_reuses_the_artifact_untouched(tiny_data, tmp_cwd
         assert summary["llm_failed"] == {"snf": {}, "arv": {}} and all(r["llm_failed"] is None for r in records)
 
 
-def test_dry_run_makes_no_call(tiny_data, tmp_cwd, capsys):
+def test_dry_run_makes_no_call(tiny_data, tmp_cwd, capsys, monkeypatch):
     data, _ = tiny_data
     with FakeLLMServer() as server:
         argv = ["--model=SASRec", "--dataset=tiny", "--method=llmser", "--dry_run", f"--llm_base_url={server.base_url}",
@@ -215,6 +216,10 @@ def test_dry_run_makes_no_call(tiny_data, tmp_cwd, capsys):
         assert main(argv) == 0
         out = capsys.readouterr().out
         assert main(argv + ["--snf_mode=llm_only"]) == 0  # a baseline's text pool needs no helper: the real one
+        assert "the baseline's own candidates" in capsys.readouterr().out
+        # co-occurrence's pool needs no item vectors: its dry run embeds nothing
+        monkeypatch.setattr(backends, "item_embeddings", lambda *a, **k: pytest.fail("a co-occurrence dry run embeds"))
+        assert main(argv + ["--snf_mode=cooccurrence"]) == 0
         assert "the baseline's own candidates" in capsys.readouterr().out
         assert server.calls() == 0
     assert "dry run" in out and "calls" in out and "stand in for CCG's candidates" in out

@@ -200,8 +200,9 @@ def _dry_run(config, dataset, backend, users, prefixes, rows, root) -> None:
         print(f"dry run: backend {backend}, snf_mode {config['snf_mode']}, arv_weight {config['arv_weight']}: "
               "no LLM calls")
         return None
-    pool = config["snf_mode"] in baselines.BASELINES  # a baseline's pool: text similarity, the vectors needed
-    ctx = stage_context(config, dataset, backend, users, prefixes, rows, None, root, embed=pool)
+    pool = config["snf_mode"] in baselines.BASELINES  # a baseline's own candidates: no helper model needed
+    text_pool = config["snf_mode"] == "llm_only" and backend != "model"  # the only pool built from item vectors
+    ctx = stage_context(config, dataset, backend, users, prefixes, rows, None, root, embed=text_pool)
     k = int(config["ccg_num_candidates"])
     if pool:
         items, _ = _baseline_candidates(ctx, root)
