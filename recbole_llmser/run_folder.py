@@ -27,7 +27,7 @@ import yaml
 
 from recbole_llmser.errors import LLMSeRError
 from recbole_llmser.methods import uses_llmser, uses_tslrec
-from recbole_llmser.schema import RESUME_FREE_KEYS
+from recbole_llmser.schema import PROPS, RESUME_FREE_KEYS
 from recbole_llmser.utils import atomic_write_json, file_sha256, unique_stem
 
 #: Files of a run folder: the final config, the results, and the training state while it trains; the sha256 of
@@ -149,16 +149,17 @@ class RunFolder:
 
     def check_resume(self, config, inputs: dict) -> None:
         """A folder that holds an unfinished run (``train_state.pth``) or a finished one (``results.json``) is used
-        only when its ``config.yaml`` matches this run's and the data files it started on (``inputs.json``) are
-        unchanged (the caller resumes the first and returns the second's results)."""
+        only when its ``config.yaml`` matches this run's (a property added since, now at its default, matches) and the
+        data files it started on (``inputs.json``) are unchanged (the caller resumes the first and returns the
+        second's results)."""
         run_dir = self.path
         finished = (run_dir / RESULTS).is_file()
         if not (finished or (run_dir / TRAIN_STATE).is_file()):
             return
         before = yaml.safe_load((run_dir / CONFIG).read_text(encoding="utf-8")) or {}
         now = yaml.safe_load(yaml.safe_dump(config.to_dict()))
-        changed = sorted(k for k in set(before) | set(now)
-                         if k not in RESUME_FREE_KEYS and before.get(k) != now.get(k))
+        changed = sorted(k for k in set(before) | set(now) if k not in RESUME_FREE_KEYS
+                         and before.get(k) != now.get(k) and not _new_at_default(k, before, now))
         if changed:
             what, fix = ("a finished", "delete it") if finished else ("an unfinished", "resume it with its own "
                                                                       "settings, or delete it")
@@ -185,6 +186,12 @@ class RunFolder:
             self.set_status("stopped" if interrupted else "failed",
                             message=None if interrupted else " ".join(str(error).split())[:500] or type(error).__name__)
         _unlock(self.path)
+
+
+def _new_at_default(key, before: dict, now: dict) -> bool:
+    """A property the package added after the run started, left at its default now (a new property's default keeps
+    the old behaviour, so the run is the same)."""
+    return key not in before and key in PROPS and now.get(key) == PROPS[key].default
 
 
 def _remove_empty(folders) -> None:

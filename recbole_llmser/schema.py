@@ -3,6 +3,9 @@
 Each :class:`Prop` holds a key's default, its check and its documentation, and says what a change of it does:
 
 * ``artifact``: changes the LLMSeR augmentation artifact (its folder hash: :data:`AUG_KEYS`);
+* ``hash_if_set``: an ``artifact`` key added after artifacts were made, whose default makes the artifact as before:
+  it enters the folder hash only when set to another value (:data:`HASH_IF_SET_KEYS`), so those artifacts stay
+  valid;
 * ``tsl``: changes TSLRec's stage outputs (their folder hash: :data:`STAGE_KEYS`);
 * ``helper``: copied from the run's config into the CCG/ARV helper models' configs (:data:`HELPER_KEYS`);
 * ``recorded``: recorded in an experiment's ``runs.jsonl`` and reports (:data:`RECORDED_SETTINGS`);
@@ -33,7 +36,7 @@ RECBOLE = "<RecBole's default>"
 #: Default of a key a dataset's property file sets (not written into overall.yaml).
 PER_DATASET = "<per dataset>"
 
-FLAGS = ("artifact", "tsl", "helper", "recorded", "no_results", "resume")
+FLAGS = ("artifact", "hash_if_set", "tsl", "helper", "recorded", "no_results", "resume")
 
 
 # ----- checks: (key, value) -> None, or a one-line LLMSeRError ----------------------------------------------
@@ -282,6 +285,10 @@ SECTIONS = (
           "artifact tsl"),
         P("ccg_num_candidates", 20, positive_int, "(int) K: candidates per user from the reverse model (paper: 20).",
           "artifact recorded"),
+        P("ccg_text_candidates", 0, int_at_least(0),
+          "(int) Of the K candidates, this many come from the llm_only baseline's similarity pool (the items most "
+          "similar to the user's history) instead of the reverse model: CCG's first K minus this, then pool items "
+          "not among them (0: the paper).", "artifact hash_if_set"),
         P("snf_num_picks", 15, positive_int, "(int) k: items the LLM picks among the K candidates (paper: 15).",
           "artifact recorded"),
         P("aug_num_pseudo", 12, positive_int, "(int) M: pseudo-prior items kept per user (paper: 12).",
@@ -466,6 +473,8 @@ def keys_with(flag: str) -> tuple:
 
 #: The settings that identify an augmentation artifact (its folder hash and summary).
 AUG_KEYS = keys_with("artifact")
+#: Artifact settings that enter its folder hash only when not at their default.
+HASH_IF_SET_KEYS = frozenset(keys_with("hash_if_set"))
 #: The settings that identify TSLRec's stage outputs.
 STAGE_KEYS = keys_with("tsl")
 #: The main run's settings a CCG/ARV helper model's config copies.
@@ -481,8 +490,8 @@ VALIDATORS = {name: prop.check for name, prop in PROPS.items() if prop.check is 
 
 
 def validate(cfg: dict) -> None:
-    """Raise a one-line LLMSeRError for the first property with an invalid value (and for M <= k <= K and the
-    number of group names)."""
+    """Raise a one-line LLMSeRError for the first property with an invalid value (and for M <= k <= K,
+    ccg_text_candidates <= K and the number of group names)."""
     for key, check in VALIDATORS.items():
         if key in cfg:
             check(key, cfg[key])
@@ -491,6 +500,9 @@ def validate(cfg: dict) -> None:
         raise LLMSeRError(
             f"properties aug_num_pseudo (M={M}) <= snf_num_picks (k={k}) <= ccg_num_candidates (K={K}) must hold"
         )
+    n_text = cfg.get("ccg_text_candidates")
+    if None not in (n_text, K) and isinstance(n_text, int) and n_text > K:
+        raise LLMSeRError(f"property ccg_text_candidates ({n_text}) must be at most ccg_num_candidates (K={K})")
     names = cfg.get("group_names")
     if names is not None:
         n = len(cfg.get("group_bounds") or []) + 1

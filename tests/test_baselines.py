@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 
 from recbole_llmser.augment import baselines as bl
+from recbole_llmser.augment import ccg, snf
 from recbole_llmser.augment.offline_ranker import OfflineRanker
-from recbole_llmser.augment.pipeline import artifact_settings
+from recbole_llmser.augment.pipeline import artifact_settings, augmentation_dir
 from recbole_llmser.augment.presentation import LLM_AUG_KEYS
 from recbole_llmser.quick_start import run
-from recbole_llmser.schema import AUG_KEYS
+from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.schema import AUG_KEYS, PROPS, validate
 from tests.conftest import tiny_config_dict
 from tests.llm_server import FakeLLMServer
 
@@ -197,6 +199,48 @@ def test_each_mode_has_its_own_artifact_folder(tmp_path, tmp_cwd):
     folders = {mode: _augment(data, "leak", snf_mode=mode, arv_weight=1.0)[0].parent.name
                for mode in ("cooccurrence", "llm_only", "ccg_top")}
     assert len(set(folders.values())) == 3
+
+
+# ----- CCG widened by the similarity pool (ccg_text_candidates; our addition, 0 = the paper) ----------------
+def test_mix_candidates_keeps_ccg_first_then_new_pool_items():
+    ccg_items = np.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+    pools = [[3, 11, 12, 13, 14], [15]]  # row 0: 3 is CCG's already; row 1: the pool runs short
+    assert ccg.mix_candidates(ccg_items, pools, 2).tolist() == [[1, 2, 3, 11, 12], [6, 7, 8, 15, 9]]
+    assert (ccg.mix_candidates(ccg_items, pools, 0) == ccg_items).all()
+    assert ccg.mix_candidates(ccg_items, [[20, 21, 22, 23, 24, 25]] * 2, 5).tolist() == [[20, 21, 22, 23, 24]] * 2
+
+
+def test_ccg_text_candidates_keeps_the_artifact_folders_made_before_it():
+    base = {k: PROPS[k].default for k in AUG_KEYS} | {"checkpoint_dir": "/x", "dataset": "d"}
+    sequences = [[1, 2, 3], [4, 5]]
+    # the folder names of these settings before the property existed (at its default the artifact is the same)
+    assert augmentation_dir(base, "offline", sequences).name == "a4ab96c43787ca71"
+    assert augmentation_dir(base, "model", sequences).name == "4bf5a83128851f55"
+    assert augmentation_dir({**base, "ccg_text_candidates": 4}, "offline", sequences).name != "a4ab96c43787ca71"
+    with pytest.raises(LLMSeRError, match=r"ccg_text_candidates \(21\) must be at most ccg_num_candidates \(K=20\)"):
+        validate({**base, "ccg_text_candidates": 21})
+
+
+@pytest.mark.parametrize("backend", ["offline", "model"])
+def test_ccg_text_candidates_put_training_items_of_the_pool_after_ccgs_first(backend, tmp_path, tmp_cwd, monkeypatch):
+    data = tmp_path / "data"
+    prefixes = write_leak_dataset(data, with_item=backend == "offline")
+    shown = []
+    original = snf.run
+    monkeypatch.setattr(snf, "run", lambda ctx, items, requests: (
+        shown.append({ctx.user_token(i): [ctx.item_token(x) for x in row] for i, row in zip(ctx.rows, items)})
+        or original(ctx, items, requests)))
+    extra = dict(aug_num_pseudo=4, snf_num_picks=6, ccg_num_candidates=8, **({} if backend == "offline" else NO_TEXT))
+    _augment(data, "leak", **extra)
+    _, records, summary = _augment(data, "leak", ccg_text_candidates=3, **extra)
+    assert summary["settings"]["ccg_text_candidates"] == 3 and summary["backend"] == backend
+    plain, mixed = shown
+    for user, cands in mixed.items():
+        assert len(cands) == 8 == len(set(cands)) and cands[:5] == plain[user][:5]  # CCG's first K - 3 stay
+        for item in cands[5:]:  # pool items (training items outside the prefix), or CCG's next when it runs short
+            assert (item.startswith("s") and item not in prefixes[user]) or item in plain[user][5:], (user, item)
+    assert sum(set(mixed[user]) != set(plain[user]) for user in mixed) > len(mixed) // 2  # the pool adds items
+    assert all(not set(r["pseudo_items"]) & set(prefixes[r["user_id"]]) for r in records)
 
 
 # ----- one tiny training run per switch ---------------------------------------------------------------------

@@ -153,6 +153,14 @@ def test_a_named_run_folder_refuses_other_settings_and_returns_a_finished_run(ti
     assert again == {**result, "finished_earlier": True} and result["finished_earlier"] is False
     with pytest.raises(LLMSeRError, match=r"holds a finished run with other settings \(learning_rate\); delete it"):
         run("SASRec", "tiny", config_dict={**cfg, "learning_rate": 0.01}, cmd_args=[])
+    # a run made before a property existed: the property at its default is the same run, another value is not
+    saved = tmp_cwd / "saved" / "tiny" / "mine" / "config.yaml"
+    before = yaml.safe_load(saved.read_text())
+    del before["aug_eval_min_weight"]
+    saved.write_text(yaml.safe_dump(before))
+    assert run("SASRec", "tiny", config_dict=cfg, cmd_args=[])["finished_earlier"] is True
+    with pytest.raises(LLMSeRError, match=r"other settings \(aug_eval_min_weight\)"):
+        run("SASRec", "tiny", config_dict={**cfg, "aug_eval_min_weight": 0.5}, cmd_args=[])
     with pytest.raises(LLMSeRError, match="run_name"):
         run("SASRec", "tiny", config_dict={**cfg, "run_name": "../elsewhere"}, cmd_args=[])
 

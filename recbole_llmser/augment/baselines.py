@@ -149,15 +149,21 @@ def candidates(ctx: StageContext) -> tuple:
         return [np.asarray(items, dtype=np.int64) for items, _ in found], {
             "kind": "cooccurrence", "users_filled_by_popularity": sum(1 for _, n in found if n),
             "items_filled_by_popularity": sum(n for _, n in found)}
+    pools, kind = similarity_pools(ctx, k, keys)
+    return pools, {"kind": kind, "pool_size": k, "picker": ctx.backend}
+
+
+def similarity_pools(ctx: StageContext, k: int, keys) -> tuple:
+    """``(pools, kind)``: ``llm_only``'s candidate pool of ``k`` items per selected row: the text pool
+    (:func:`text_pools`), or without item text (backend ``model``) the forward helper's (:func:`forward_pools`)."""
     allowed = training_item_mask(ctx.prefixes, ctx.dataset.item_num)
+    prefixes = [ctx.prefixes[i] for i in ctx.rows]
     if ctx.backend == "model":
-        pools = forward_pools(ctx.forward, [ctx.prefixes[i] for i in ctx.rows], allowed, keys, k,
-                              int(config["eval_batch_size"]))
-        return pools, {"kind": "forward_pool", "pool_size": k, "picker": ctx.backend}
-    ranker = OfflineRanker.from_config(config)
-    pools = text_pools(ctx.vectors, [ctx.history(i) for i in ctx.rows], [ctx.prefixes[i] for i in ctx.rows],
-                       allowed, keys, k, ranker)
-    return pools, {"kind": "text_pool", "pool_size": k, "picker": ctx.backend}
+        return forward_pools(ctx.forward, prefixes, allowed, keys, k, int(ctx.config["eval_batch_size"])), \
+            "forward_pool"
+    ranker = OfflineRanker.from_config(ctx.config)
+    return text_pools(ctx.vectors, [ctx.history(i) for i in ctx.rows], prefixes, allowed, keys, k, ranker), \
+        "text_pool"
 
 
 def text_pools(vectors, histories, prefixes, allowed, keys, k: int, ranker: OfflineRanker, batch: int = 1024):

@@ -9,6 +9,9 @@
   candidates (:func:`score_top_k`).
 * The *forward* helper model (same class and settings) is trained here too, on the forward training prefixes: SNF's
   text-free backend and ARV (``arv.py``) score with it.
+* ``ccg_text_candidates`` (0 = the paper) hands the last places of the K to the ``llm_only`` baseline's similarity
+  pool (:func:`~recbole_llmser.augment.baselines.similarity_pools`): :func:`mix_candidates`. CCG still proposes the
+  rest and SNF, ARV and DCT are unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +42,26 @@ def run(config, dataset, users, prefixes, rows, models_dir: Path) -> Candidates:
                         int(config["ccg_num_candidates"]), int(config["eval_batch_size"]), "CCG",
                         bool(config["show_progress"]))
     return Candidates(forward, items)
+
+
+def mix_candidates(ccg_items, pools, n_pool: int) -> np.ndarray:
+    """``ccg_text_candidates``: per row, CCG's first ``K - n_pool`` candidates, then the items of the row's pool
+    (best first) that are not among them, up to K; CCG's next candidates fill in when the pool runs short. Rows keep
+    K items, all distinct when CCG's are."""
+    ccg_items = np.asarray(ccg_items, dtype=np.int64)
+    k = ccg_items.shape[1]
+    out = np.empty_like(ccg_items)
+    for row, (ccg_row, pool) in enumerate(zip(ccg_items, pools)):
+        kept = list(ccg_row[:k - int(n_pool)])
+        seen = set(kept)
+        for item in (*np.asarray(pool, dtype=np.int64), *ccg_row[k - int(n_pool):]):
+            if len(kept) == k:
+                break
+            if int(item) not in seen:
+                kept.append(int(item))
+                seen.add(int(item))
+        out[row] = kept
+    return out
 
 
 def top_k_excluding(scores: torch.Tensor, exclude, k: int) -> np.ndarray:

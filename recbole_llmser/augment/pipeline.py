@@ -62,7 +62,7 @@ from recbole_llmser.augment.backends import asks_llm, has_client
 from recbole_llmser.augment.llm import RETRYABLE_ERROR_KINDS, quiet_http_logs
 from recbole_llmser.augment.presentation import LLM_AUG_KEYS, echo_rates, warn_if_echoing
 from recbole_llmser.augment.prompts import ARV_TEMPLATE_VERSION, SNF_TEMPLATE_VERSION
-from recbole_llmser.schema import AUG_KEYS
+from recbole_llmser.schema import AUG_KEYS, HASH_IF_SET_KEYS, PROPS
 from recbole_llmser.sequences import dataset_prefixes
 from recbole_llmser.utils import atomic_file, atomic_write_json, content_hash
 
@@ -79,8 +79,10 @@ def artifact_settings(config, backend: str) -> dict:
 
 
 def augmentation_dir(config, backend: str, sequences) -> Path:
-    """``<checkpoint_dir>/<dataset>/augment/<hash of the artifact settings, the backend and the data>``."""
-    settings = {k: str(v) for k, v in artifact_settings(config, backend).items()}
+    """``<checkpoint_dir>/<dataset>/augment/<hash of the artifact settings, the backend and the data>`` (a
+    ``hash_if_set`` key at its default is left out: :data:`~recbole_llmser.schema.HASH_IF_SET_KEYS`)."""
+    settings = {k: str(v) for k, v in artifact_settings(config, backend).items()
+                if not (k in HASH_IF_SET_KEYS and v == PROPS[k].default)}
     digest = content_hash(settings, sequences, backend.encode())
     return Path(config["checkpoint_dir"]).resolve() / config["dataset"] / "augment" / digest[:16]
 
@@ -125,7 +127,7 @@ def _run_augmentation(config, dataset, dry_run):
     timings["item_vectors"] = time.monotonic() - t
 
     t = time.monotonic()
-    items, source = _baseline_candidates(ctx, out_dir.parent) if baseline else (candidates.items, None)
+    items, source = _baseline_candidates(ctx, out_dir.parent) if baseline else (_ccg_items(ctx, candidates), None)
     requests = snf.llm_requests(ctx, items)  # a generator: the LLM client streams it
     picks, pseudo = snf.run(ctx, items, requests)
     timings["snf"] = time.monotonic() - t
@@ -140,6 +142,18 @@ def _run_augmentation(config, dataset, dry_run):
     timings["total"] = time.monotonic() - start
     _write_summary(ctx, out_dir, len(pseudo), verification, reasked, timings, source)
     return artifact
+
+
+def _ccg_items(ctx: StageContext, candidates: ccg.Candidates):
+    """CCG's K candidates per selected row, the last ``ccg_text_candidates`` of them from the similarity pool."""
+    n_pool = int(ctx.config["ccg_text_candidates"])
+    if not n_pool:
+        return candidates.items
+    keys = baselines.tiebreak_keys(ctx.dataset.item_num, int(ctx.config["seed"]))
+    pools, kind = baselines.similarity_pools(ctx, candidates.items.shape[1], keys)
+    getLogger().info(f"CCG: the last {n_pool} of {candidates.items.shape[1]} candidates per user from the "
+                     f"{kind.replace('_', ' ')} (ccg_text_candidates)")
+    return ccg.mix_candidates(candidates.items, pools, n_pool)
 
 
 def _baseline_candidates(ctx: StageContext, root) -> tuple:
