@@ -501,7 +501,7 @@ def validate(cfg: dict) -> None:
             f"properties aug_num_pseudo (M={M}) <= snf_num_picks (k={k}) <= ccg_num_candidates (K={K}) must hold"
         )
     n_text = cfg.get("ccg_text_candidates")
-    if None not in (n_text, K) and isinstance(n_text, int) and n_text > K:
+    if None not in (n_text, K) and n_text > K:
         raise LLMSeRError(f"property ccg_text_candidates ({n_text}) must be at most ccg_num_candidates (K={K})")
     names = cfg.get("group_names")
     if names is not None:

@@ -51,6 +51,11 @@ def tiebreak_keys(n_items: int, seed: int) -> np.ndarray:
     return np.random.default_rng(int(seed)).permutation(int(n_items))
 
 
+def run_tiebreak_keys(config, dataset) -> np.ndarray:
+    """:func:`tiebreak_keys` of a run: one per item of ``dataset``, from the run's ``seed``."""
+    return tiebreak_keys(dataset.item_num, int(config["seed"]))
+
+
 def predecessor_counts(prefixes) -> dict:
     """``{b: Counter({a: n})}``: how often item a comes directly before item b, over every adjacent pair of every
     training prefix (each occurrence counts)."""
@@ -139,9 +144,9 @@ def candidates(ctx: StageContext) -> tuple:
     """``(items, source)``: per selected row, the baseline's candidate items in its own order (best first), and
     what the summary says about the source."""
     config = ctx.config
-    keys = tiebreak_keys(ctx.dataset.item_num, int(config["seed"]))
     mode, k = config["snf_mode"], int(config["ccg_num_candidates"])
     if mode == "cooccurrence":
+        keys = run_tiebreak_keys(config, ctx.dataset)
         predecessors = predecessor_counts(ctx.prefixes)
         popular = popularity_order(ctx.prefixes, keys)
         found = [cooccurrence_items(ctx.prefixes[i], predecessors, popular, keys, int(config["aug_num_pseudo"]))
@@ -149,13 +154,14 @@ def candidates(ctx: StageContext) -> tuple:
         return [np.asarray(items, dtype=np.int64) for items, _ in found], {
             "kind": "cooccurrence", "users_filled_by_popularity": sum(1 for _, n in found if n),
             "items_filled_by_popularity": sum(n for _, n in found)}
-    pools, kind = similarity_pools(ctx, k, keys)
+    pools, kind = similarity_pools(ctx, k)
     return pools, {"kind": kind, "pool_size": k, "picker": ctx.backend}
 
 
-def similarity_pools(ctx: StageContext, k: int, keys) -> tuple:
+def similarity_pools(ctx: StageContext, k: int) -> tuple:
     """``(pools, kind)``: ``llm_only``'s candidate pool of ``k`` items per selected row: the text pool
     (:func:`text_pools`), or without item text (backend ``model``) the forward helper's (:func:`forward_pools`)."""
+    keys = run_tiebreak_keys(ctx.config, ctx.dataset)
     allowed = training_item_mask(ctx.prefixes, ctx.dataset.item_num)
     prefixes = [ctx.prefixes[i] for i in ctx.rows]
     if ctx.backend == "model":

@@ -149,8 +149,7 @@ def _ccg_items(ctx: StageContext, candidates: ccg.Candidates):
     n_pool = int(ctx.config["ccg_text_candidates"])
     if not n_pool:
         return candidates.items
-    keys = baselines.tiebreak_keys(ctx.dataset.item_num, int(ctx.config["seed"]))
-    pools, kind = baselines.similarity_pools(ctx, candidates.items.shape[1], keys)
+    pools, kind = baselines.similarity_pools(ctx, candidates.items.shape[1])
     getLogger().info(f"CCG: the last {n_pool} of {candidates.items.shape[1]} candidates per user from the "
                      f"{kind.replace('_', ' ')} (ccg_text_candidates)")
     return ccg.mix_candidates(candidates.items, pools, n_pool)
@@ -222,7 +221,7 @@ def _dry_run(config, dataset, backend, users, prefixes, rows, root) -> None:
         items, _ = _baseline_candidates(ctx, root)
         stand_in = "the baseline's own candidates"
     else:
-        popular = baselines.popularity_order(prefixes, baselines.tiebreak_keys(dataset.item_num, int(config["seed"])))
+        popular = baselines.popularity_order(prefixes, baselines.run_tiebreak_keys(config, dataset))
         items = baselines.popular_outside([prefixes[i] for i in rows], popular, k)
         stand_in = (f"no helper model is trained, so the {k} most frequent training items outside each user's "
                     "prefix stand in for CCG's candidates and ARV's")
