@@ -491,7 +491,7 @@ VALIDATORS = {name: prop.check for name, prop in PROPS.items() if prop.check is 
 
 def validate(cfg: dict) -> None:
     """Raise a one-line LLMSeRError for the first property with an invalid value (and for M <= k <= K,
-    ccg_text_candidates <= K and the number of group names)."""
+    ccg_text_candidates <= K, aug_eval_min_weight only with aug_at_eval and the number of group names)."""
     for key, check in VALIDATORS.items():
         if key in cfg:
             check(key, cfg[key])
@@ -503,6 +503,10 @@ def validate(cfg: dict) -> None:
     n_text = cfg.get("ccg_text_candidates")
     if None not in (n_text, K) and n_text > K:
         raise LLMSeRError(f"property ccg_text_candidates ({n_text}) must be at most ccg_num_candidates (K={K})")
+    if cfg.get("aug_eval_min_weight") and cfg.get("aug_at_eval") is False:
+        raise LLMSeRError(f"property aug_eval_min_weight ({cfg['aug_eval_min_weight']}) gates the pseudo items at "
+                          "evaluation, which aug_at_eval: false leaves out: set aug_at_eval: true or "
+                          "aug_eval_min_weight: 0")
     names = cfg.get("group_names")
     if names is not None:
         n = len(cfg.get("group_bounds") or []) + 1

@@ -253,6 +253,8 @@ def test_eval_pseudo_items_gated_by_weight(hand):
     assert views["test"]["u2"] == (("r", "x", "y"), "z")
     _, (ungated_train, _, _) = _build(_config(data, **common))
     assert _window_view(dataset, train._dataset.inter_feat) == _window_view(dataset, ungated_train._dataset.inter_feat)
+    with pytest.raises(LLMSeRError, match=r"aug_eval_min_weight \(0.6\) gates .* set aug_at_eval: true"):
+        _config(data, **common, aug_eval_min_weight=0.6, aug_at_eval=False)
 
 
 def test_eval_pseudo_users_mask():

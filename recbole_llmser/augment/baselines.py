@@ -158,13 +158,19 @@ def candidates(ctx: StageContext) -> tuple:
     return pools, {"kind": kind, "pool_size": k, "picker": ctx.backend}
 
 
+def uses_text_pool(backend: str) -> bool:
+    """Whether the similarity pool of :func:`similarity_pools` is built from item text vectors (every backend but
+    ``model``, which has no item text and ranks with the forward helper)."""
+    return backend != "model"
+
+
 def similarity_pools(ctx: StageContext, k: int) -> tuple:
     """``(pools, kind)``: ``llm_only``'s candidate pool of ``k`` items per selected row: the text pool
     (:func:`text_pools`), or without item text (backend ``model``) the forward helper's (:func:`forward_pools`)."""
     keys = run_tiebreak_keys(ctx.config, ctx.dataset)
     allowed = training_item_mask(ctx.prefixes, ctx.dataset.item_num)
     prefixes = [ctx.prefixes[i] for i in ctx.rows]
-    if ctx.backend == "model":
+    if not uses_text_pool(ctx.backend):
         return forward_pools(ctx.forward, prefixes, allowed, keys, k, int(ctx.config["eval_batch_size"])), \
             "forward_pool"
     ranker = OfflineRanker.from_config(ctx.config)

@@ -214,7 +214,7 @@ def _dry_run(config, dataset, backend, users, prefixes, rows, root) -> None:
               "no LLM calls")
         return None
     pool = config["snf_mode"] in baselines.BASELINES  # a baseline's own candidates: no helper model needed
-    text_pool = config["snf_mode"] == "llm_only" and backend != "model"  # the only pool built from item vectors
+    text_pool = config["snf_mode"] == "llm_only" and baselines.uses_text_pool(backend)  # needs the item vectors
     ctx = stage_context(config, dataset, backend, users, prefixes, rows, None, root, embed=text_pool)
     k = int(config["ccg_num_candidates"])
     if pool:
