@@ -23,6 +23,7 @@ from recbole.utils import ModelType
 
 from recbole_llmser.compat import ConfigCompatMixin
 from recbole_llmser.errors import LLMSeRError
+from recbole_llmser.methods import SECRET_KEYS
 from recbole_llmser.registry import get_model
 from recbole_llmser.schema import validate
 from recbole_llmser.utils import PACKAGE_DIR, REPO_DIR
@@ -30,7 +31,6 @@ from recbole_llmser.utils import PACKAGE_DIR, REPO_DIR
 #: Command-line flags that belong to run_recbole_llmser.py itself, not to the config.
 CLI_ONLY_KEYS = {"config_files", "dry_run"}
 
-from recbole_llmser.methods import SECRET_KEYS
 
 def properties_dir() -> Path:
     """The property folder: inside the installed package, or the source tree's top-level ``properties/``."""
