@@ -222,7 +222,8 @@ def test_ccg_text_candidates_keeps_the_artifact_folders_made_before_it():
 
 
 @pytest.mark.parametrize("backend", ["offline", "model"])
-def test_ccg_text_candidates_put_training_items_of_the_pool_after_ccgs_first(backend, tmp_path, tmp_cwd, monkeypatch):
+def test_ccg_text_candidates_put_training_items_of_the_pool_after_ccgs_first(backend, tmp_path, tmp_cwd, monkeypatch,
+                                                                             caplog):
     data = tmp_path / "data"
     prefixes = write_leak_dataset(data, with_item=backend == "offline")
     shown = []
@@ -234,6 +235,8 @@ def test_ccg_text_candidates_put_training_items_of_the_pool_after_ccgs_first(bac
     _augment(data, "leak", **extra)
     _, records, summary = _augment(data, "leak", ccg_text_candidates=3, **extra)
     assert summary["settings"]["ccg_text_candidates"] == 3 and summary["backend"] == backend
+    warned = [r.getMessage() for r in caplog.records if "without item text the pool is" in r.getMessage()]
+    assert len(warned) == (backend != "offline")  # the forward helper's pool is named as such, the text pool is not
     plain, mixed = shown
     for user, cands in mixed.items():
         assert len(cands) == 8 == len(set(cands)) and cands[:5] == plain[user][:5]  # CCG's first K - 3 stay
