@@ -153,9 +153,10 @@ def _ccg_items(ctx: StageContext, candidates: ccg.Candidates):
     getLogger().info(f"CCG: the last {n_pool} of {candidates.items.shape[1]} candidates per user from the "
                      f"{kind.replace('_', ' ')} (ccg_text_candidates)")
     if not baselines.uses_text_pool(ctx.backend):
-        getLogger().warning(f"ccg_text_candidates={n_pool}: without item text the pool is the forward helper's own "
-                            "top items, not text similarity (the full_ranking preset was chosen on a dataset with "
-                            "titles and lost on amazon-fashion-ids with it); --ccg_text_candidates=0 keeps CCG's")
+        getLogger().warning(f"ccg_text_candidates={n_pool}: with backend {ctx.backend} (no item text) the pool is "
+                            "the forward helper's own top items, not text similarity; the full_ranking preset was "
+                            "chosen with a text pool and lost on amazon-fashion-ids without one: "
+                            "--ccg_text_candidates=0 keeps CCG's candidates")
     return ccg.mix_candidates(candidates.items, pools, n_pool)
 
 
