@@ -235,7 +235,8 @@ def test_ccg_text_candidates_put_training_items_of_the_pool_after_ccgs_first(bac
     _augment(data, "leak", **extra)
     _, records, summary = _augment(data, "leak", ccg_text_candidates=3, **extra)
     assert summary["settings"]["ccg_text_candidates"] == 3 and summary["backend"] == backend
-    warned = [r.getMessage() for r in caplog.records if "(no item text) the pool is the forward helper's" in r.getMessage()]
+    warned = [r.getMessage() for r in caplog.records
+              if "(no item text) the pool is the forward helper's" in r.getMessage()]
     assert len(warned) == (backend != "offline")  # the forward helper's pool is named as such, the text pool is not
     plain, mixed = shown
     for user, cands in mixed.items():

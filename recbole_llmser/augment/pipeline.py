@@ -152,7 +152,7 @@ def _ccg_items(ctx: StageContext, candidates: ccg.Candidates):
     pools, kind = baselines.similarity_pools(ctx, candidates.items.shape[1])
     getLogger().info(f"CCG: the last {n_pool} of {candidates.items.shape[1]} candidates per user from the "
                      f"{kind.replace('_', ' ')} (ccg_text_candidates)")
-    if not baselines.uses_text_pool(ctx.backend):
+    if kind == "forward_pool":
         getLogger().warning(f"ccg_text_candidates={n_pool}: with backend {ctx.backend} (no item text) the pool is "
                             "the forward helper's own top items, not text similarity; the full_ranking preset was "
                             "chosen with a text pool and lost on amazon-fashion-ids without one: "
