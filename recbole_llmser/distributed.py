@@ -17,6 +17,8 @@ share of the validation rows. This module adds what the package needs on top:
 * :class:`GlobalOrderSampler`: the training rows of one epoch in the order one process would shuffle them, dealt
   round-robin, so N processes train on the same global batches as one process with the same ``train_batch_size``.
 * :func:`gather_batches`: evaluation split by batches over the processes and gathered, equal to one process's.
+* :func:`finish`: every process leaves the group when its run ends (a gloo group left to the interpreter's exit
+  can abort the process after its work is done).
 * :func:`broadcast` / :func:`gather`: the main process (global rank 0) builds the artifacts and writes every file;
   the others wait for it and read what it sends. Every collective takes the config whose work is shared: a
   config with ``single_spec`` (the helper models the main process trains alone) makes it a no-op.
@@ -25,6 +27,7 @@ share of the validation rows. This module adds what the package needs on top:
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -120,6 +123,33 @@ def init_process_group(final: dict) -> None:
         final["state"] = "error"
         final["show_progress"] = False
         final["verbose"] = False
+
+
+def finish(ok: bool = True) -> None:
+    """Leave the process group at the end of a process's run: after a run that ended normally, wait for the others
+    (``ok``), then destroy it. A process that exits with its gloo group alive can abort (SIGABRT) while Python tears
+    down the tensors the group's threads still hold, after its work is done (pytorch/pytorch#179291); torch's docs
+    ask every process to call ``destroy_process_group`` near the end of its main. No-op without a group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if ok and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+@contextmanager
+def member(config):
+    """The body of one process's run, which leaves at the end the process group ``config`` joined (see
+    :func:`finish`; nothing for a single-process config)."""
+    if config["single_spec"]:
+        yield
+        return
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        finish(ok)
 
 
 def launch(target, nproc: int, args: tuple):

@@ -46,13 +46,15 @@ def run(model=None, dataset=None, config_file_list=None, config_dict=None, cmd_a
     if distributed.wants_processes(config) and config["stage"] in ("all", "train") and not dry_run:
         return distributed.launch(_process_main, int(config["nproc"]),
                                   (model, dataset, config_file_list, config_dict, cmd_args, saved))
-    return run_with_config(config, saved=saved, dry_run=dry_run)
+    with distributed.member(config):  # under torchrun this process is one of several
+        return run_with_config(config, saved=saved, dry_run=dry_run)
 
 
 def _process_main(local_rank, model, dataset, config_file_list, config_dict, cmd_args, saved, queue):
     """One of the ``nproc`` processes :func:`run` starts: the same run with its ``local_rank``."""
     config = Config(model, dataset, config_file_list, {**config_dict, "local_rank": local_rank}, cmd_args)
-    result = run_with_config(config, saved=saved)
+    with distributed.member(config):
+        result = run_with_config(config, saved=saved)
     if distributed.is_main(config):
         queue.put(result)
 

@@ -111,6 +111,34 @@ def test_weighted_loss_is_exact_over_the_global_batch(tmp_path):
         assert got[reduction] == pytest.approx(x.grad.tolist(), abs=1e-6), reduction
 
 
+def _leave_group(rank, ports, out):
+    import torch.distributed as dist
+
+    states = []
+    for fail, port in zip((False, True), ports):
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+        with distributed.member({"single_spec": True}):  # a single-process config leaves nothing
+            pass
+        states.append(dist.is_initialized())
+        try:
+            with distributed.member({"single_spec": False}):
+                dist.all_reduce(torch.ones(1))
+                if fail:
+                    raise RuntimeError("a failed run")
+        except RuntimeError:
+            pass
+        states.append(dist.is_initialized())
+    distributed.finish()  # no group: nothing to do
+    torch.save(states, out / f"{rank}.pt")
+
+
+def test_every_process_leaves_the_group_when_its_run_ends(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_leave_group, args=((free_port(), free_port()), tmp_path), nprocs=2)
+    assert [torch.load(tmp_path / f"{r}.pt") for r in range(2)] == [[True, False, True, False]] * 2
+
+
 # ----- whole runs: 2 processes against 1 ----------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
@@ -213,13 +241,21 @@ def test_killed_two_process_run_resumes(world, tmp_cwd):
             assert got[split][protocol]["overall"] == pytest.approx(want[split][protocol]["overall"], abs=1e-9)
 
 
+def children_said(stderr: str) -> str:
+    """What the training processes printed to stderr, without the launcher's own lines and traceback (a failed
+    process's last words come before them)."""
+    own = ("torch/distributed/elastic", "torch/distributed/run.py", "torchrun")
+    lines = [line for line in stderr.splitlines() if not any(mark in line for mark in own)]
+    return "\n".join(lines[-80:])
+
+
 def test_torchrun_starts_the_same_run(world, tmp_cwd):
     torchrun = Path(sys.executable).parent / "torchrun"
     cmd = [str(torchrun), "--nproc_per_node=2", f"--master_port={free_port()}", *cli(world, "torchrun", 1)[1:]]
     cmd = [a for a in cmd if not a.startswith(("--nproc=", "--epochs="))] + ["--epochs=2"]
     done = subprocess.run(cmd, cwd=tmp_cwd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
                           text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.returncode == 0, children_said(done.stderr)
     run_dir = world / "saved-cli" / "tiny" / "torchrun"
     assert json.loads((run_dir / "results.json").read_text())["epochs_trained"] == 2
     log = next(run_dir.glob("*.log")).read_text()
